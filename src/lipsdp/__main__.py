@@ -1,0 +1,3 @@
+from lipsdp.cli import main
+
+main()

@@ -1,0 +1,149 @@
+"""The public entry point: `estimate(model, method=...) -> Result`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lipsdp.certify import certified_product
+from lipsdp.errors import LipSDPError
+from lipsdp.io import load_network
+from lipsdp.methods import MethodOutput, get_method
+from lipsdp.network import Network
+from lipsdp.parallel import run_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of `estimate`.
+
+    upper     verified upper bound on the l2 Lipschitz constant (proved in floating point)
+    lower     largest Jacobian norm found (a true lower bound), or None if not asked
+    raw       the method's own, unverified value (e.g. the solver's sqrt(rho)); for information only
+    verified  True: `upper` carries a floating-point proof (every Result does; see `certificate`)
+    """
+
+    upper: float
+    lower: float | None
+    method: str
+    verified: bool
+    raw: float
+    seconds: float
+    solver: str | None = None
+    status: str = "ok"
+    certificate: str = ""
+    network: str = ""
+    pieces: int = 1
+    notes: tuple[str, ...] = ()
+    multipliers: np.ndarray | None = field(default=None, repr=False, compare=False)
+    lower_point: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ratio(self) -> float | None:
+        """upper / lower: how far the certified bound can be from the truth (1 = tight)."""
+        if self.lower is None or self.lower <= 0:
+            return None
+        return self.upper / self.lower
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no arrays)."""
+        data = asdict(self)
+        data.pop("multipliers")
+        data.pop("lower_point")
+        data["notes"] = list(self.notes)
+        data["ratio"] = self.ratio
+        return data
+
+
+def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOutput:
+    """Module-level task: bound one network (or one piece of it) with one method."""
+    return get_method(method)(net, **options)
+
+
+def estimate(
+    model: Any,
+    method: str = "neuron",
+    *,
+    solver: str | None = None,
+    split: int | None = None,
+    workers: int = 1,
+    lower: bool = False,
+    seed: int = 0,
+    executor: Executor | None = None,
+    lower_samples: int = 512,
+    lower_steps: int = 100,
+    **options: Any,
+) -> Result:
+    """Certified upper bound on the l2 Lipschitz constant of `model` (and optionally a lower bound).
+
+    model    a `Network`, a torch module, or a path to a .npz / .mat / .onnx file
+    method   a registered method name (see `lipsdp.available_methods()`); 'network' is refused as unsound
+    solver   'clarabel' (default), 'scs' or 'mosek' for the SDP methods
+    split    cut the chain into pieces of `split` weight matrices, bound each, multiply (looser, parallel)
+    workers  processes for independent pieces; `executor` overrides with any concurrent.futures.Executor
+    lower    also search for a lower bound (largest Jacobian norm), seeded by `seed`
+    """
+    start = time.perf_counter()
+    get_method(method)  # fail fast on unknown names
+    if not isinstance(workers, int) or workers < 1:
+        raise LipSDPError(f"workers must be a positive integer, got {workers!r}")
+    loader_opts = {k: options.pop(k) for k in ("input_shape",) if k in options}
+    net = load_network(model, **loader_opts)
+    method_opts = dict(options, solver=solver, seed=seed)
+    notes: list[str] = []
+    if split is not None and split < len(net.weights):
+        pieces = net.split(split)
+        outputs = run_all(
+            _bound_piece, [(p, method, method_opts) for p in pieces], workers=workers, executor=executor
+        )
+        boundary = net.boundary_lipschitz(split)
+        if any(b != 1.0 for b in boundary):
+            notes.append(
+                "split: bounds of the pieces multiplied by the Lipschitz constants of the activations between "
+                f"them ({', '.join(f'{b:g}' for b in boundary)})"
+            )
+        upper = certified_product([o.upper for o in outputs] + boundary)
+        raw = float(np.prod([o.raw for o in outputs]) * np.prod(boundary))
+        for i, o in enumerate(outputs):
+            notes.extend(f"piece {i + 1}: {n}" for n in o.notes)
+        status = "ok" if all(o.status in ("ok", "optimal") for o in outputs) else ",".join(o.status for o in outputs)
+        out = MethodOutput(upper, raw, status, outputs[0].certificate, None, notes, outputs[0].solver)
+        n_pieces = len(pieces)
+    else:
+        out = _bound_piece(net, method, method_opts)
+        notes.extend(out.notes)
+        n_pieces = 1
+    lower_value = lower_point = None
+    if lower:
+        from lipsdp.lower import lower_bound
+
+        lb = lower_bound(net, samples=lower_samples, steps=lower_steps, seed=seed)
+        lower_value, lower_point = lb.value, lb.point
+        if lower_value > out.upper * (1 + 1e-9):
+            raise LipSDPError(
+                f"internal inconsistency: lower bound {lower_value} exceeds verified upper bound {out.upper}; "
+                "please report this network"
+            )
+    return Result(
+        upper=float(out.upper),
+        lower=lower_value,
+        method=method,
+        verified=True,
+        raw=float(out.raw),
+        seconds=time.perf_counter() - start,
+        solver=out.solver,
+        status=out.status,
+        certificate=out.certificate,
+        network=net.describe(),
+        pieces=n_pieces,
+        notes=tuple(notes),
+        multipliers=out.multipliers,
+        lower_point=lower_point,
+    )

@@ -1,0 +1,188 @@
+"""Turn multipliers T into a *proven* upper bound on the Lipschitz constant.
+
+A solver's (rho, T) is only approximately feasible. We recompute the best rho for the given T (Schur
+complement, `lmi.schur_rho`), raise it slightly to rho', and prove F(rho', T) = -M(rho', T) positive
+definite in floating point, so that L <= sqrt(rho') holds for the network's stored float64 weights.
+
+The proof (`prove_positive_definite`) combines two published error bounds, u = 2^-53, g_k = k u / (1 - k u):
+
+1. Forming F: every entry is an inner product of length m (plus a few scalar products), so
+   |fl(F) - F| <= g_{m+6} |F|_abs entrywise, |F|_abs being the same formulas on absolute values
+   (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.13), valid for any
+   summation order). Its 2-norm is at most its largest row sum: e = g/(1-g) * max_i sum_j |F|_abs,ij.
+2. Cholesky: if floating-point Cholesky of a symmetric A completes, the computed factor satisfies
+   R'R = A + dA with |dA| <= g_{n+1} |R'||R| (Higham, Thm 10.3), hence
+   lambda_min(A) >= -g_{n+1}/(1-g_{n+1}) * tr(A). Rump (*Verification of positive definiteness*, BIT 46,
+   2006, Thm 2.3/Cor 2.4) uses the same argument and notes it holds for any evaluation order, blocked
+   algorithms included; we use g_{2n+2} for extra room.
+So we factor A = fl(F - cI); success proves lambda_min(F_exact) >= c - u*max|F_ii - c| - g tr(A) - e,
+and we accept only when that number is positive. Assumes no underflow (entries far above 1e-290).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+
+from lipsdp.lmi import BlockTridiagonal, negated_lmi, schur_rho
+from lipsdp.network import Network
+
+log = logging.getLogger(__name__)
+
+UNIT_ROUNDOFF = 2.0**-53
+# Relative increases of rho tried, in order, until the proof succeeds.
+RHO_INFLATIONS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2)
+
+
+def _gamma(k: int) -> float:
+    return k * UNIT_ROUNDOFF / (1.0 - k * UNIT_ROUNDOFF)
+
+
+def _row_sums(f: BlockTridiagonal) -> np.ndarray:
+    sums = [np.abs(d).sum(axis=1) for d in f.diag]
+    for k, u in enumerate(f.upper):
+        sums[k] = sums[k] + np.abs(u).sum(axis=1)
+        sums[k + 1] = sums[k + 1] + np.abs(u).sum(axis=0)
+    return np.concatenate(sums)
+
+
+def block_cholesky_succeeds(f: BlockTridiagonal, shift: float) -> float | None:
+    """Cholesky of F - shift*I, block by block (the same arithmetic as a dense Cholesky that skips the
+    structural zeros). Returns the trace of the factored matrix, or None if the factorisation breaks."""
+    prev_l = None
+    trace = 0.0
+    for k, d in enumerate(f.diag):
+        a = d - shift * np.eye(d.shape[0])
+        if k > 0:
+            # Block (k, k-1) of L is U_{k-1}' L_{k-1}^{-T}.
+            b = sla.solve_triangular(prev_l, f.upper[k - 1], lower=True, check_finite=False).T
+            a = a - b @ b.T
+        trace += float(np.trace(d)) - shift * d.shape[0]
+        try:
+            prev_l = np.linalg.cholesky(a)
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(prev_l)):
+            return None
+    return trace
+
+
+def prove_positive_definite(net: Network, rho: float, t: np.ndarray) -> float | None:
+    """Prove F(rho, T) positive definite in exact arithmetic; return a proven lower bound on its smallest
+    eigenvalue (> 0), or None if the proof does not go through."""
+    f = negated_lmi(net, rho, t)
+    f_abs = negated_lmi(net, abs(rho), t, absolute=True)
+    n = f.size
+    inner = max(max(net.sizes), 1) + 6
+    g_form = _gamma(2 * inner)
+    e = g_form / (1.0 - g_form) * float(np.max(_row_sums(f_abs))) * (1.0 + _gamma(n + 2))
+    g_chol = _gamma(2 * n + 2)
+    g_chol = g_chol / (1.0 - g_chol)
+    diag_f = np.concatenate([np.diag(d) for d in f.diag])
+    if not np.all(np.isfinite(diag_f)) or not np.isfinite(e):
+        return None
+    trace_abs = float(np.sum(np.abs(diag_f)))
+    max_diag = float(np.max(np.abs(diag_f)))
+    shift = 2.0 * (e + g_chol * trace_abs + UNIT_ROUNDOFF * max_diag)
+    if shift == 0.0:
+        shift = 1e-300
+    trace = block_cholesky_succeeds(f, shift)
+    if trace is None:
+        return None
+    slack = max(abs(x - shift) for x in (float(diag_f.max()), float(diag_f.min())))
+    proven = shift - UNIT_ROUNDOFF * slack - g_chol * abs(trace) - e
+    proven *= 1.0 - 1e-9  # cover the rounding of this very expression
+    return proven if proven > 0 else None
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A proven bound L <= upper, with the rho and multipliers that prove it."""
+
+    upper: float
+    rho: float
+    rho_estimate: float
+    multipliers: np.ndarray
+    min_eigenvalue_bound: float
+
+
+def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
+    """Verified bound from multipliers t (one per hidden neuron); None if no proof could be made."""
+    t = np.zeros(0) if t is None else np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
+    if not np.all(np.isfinite(t)) or t.size != net.n_neurons:
+        return None
+    rho_star = schur_rho(net, t)
+    if rho_star is None:
+        return None
+    scale = max(rho_star, 1e-200)  # a zero network still needs rho > 0 for a strict proof
+    for inflation in RHO_INFLATIONS:
+        rho = rho_star + inflation * scale
+        proven = prove_positive_definite(net, rho, t)
+        if proven is not None:
+            upper = math.nextafter(math.sqrt(rho), math.inf)
+            return Certificate(upper, rho, rho_star, t, proven)
+    log.debug("certificate failed for rho*=%g at every inflation", rho_star)
+    return None
+
+
+def certified_product(factors: list[float]) -> float:
+    """Product of non-negative bounds, rounded upwards so the result is still an upper bound."""
+    out = 1.0
+    for x in factors:
+        out = math.nextafter(out * x, math.inf) if out * x > 0 else out * x
+    return out
+
+
+def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, str]:
+    """Certify t; if that fails, mix t with the always-feasible layer-by-layer multipliers until it
+    succeeds. Returns the certificate and a short note on what was done ('' when t itself worked)."""
+    from lipsdp.lmi import sequential_multipliers
+
+    if t is not None:
+        cert = certify(net, t)
+        if cert is not None:
+            return cert, ""
+    anchor = sequential_multipliers(net)
+    if t is not None and np.all(np.isfinite(t)):
+        t = np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
+        theta = _best_mixing(net, t, anchor)
+        if theta is not None:
+            cert = certify(net, (1.0 - theta) * t + theta * anchor)
+            if cert is not None:
+                return cert, f"solver multipliers repaired by mixing {theta:.2g} of the layer-by-layer ones"
+    cert = certify(net, anchor)
+    if cert is None:
+        from lipsdp.errors import VerificationError
+
+        raise VerificationError(
+            "no verified bound could be proved for this network (even the layer-by-layer multipliers "
+            "failed); the weights may be too extreme: try rescaling them or method='naive'"
+        )
+    return cert, "solver multipliers unusable; fell back to the layer-by-layer multipliers"
+
+
+def _best_mixing(net: Network, t: np.ndarray, anchor: np.ndarray) -> float | None:
+    """The theta in (0, 1] minimising rho*((1 - theta) t + theta anchor).
+
+    rho* is convex in T and the anchor is strictly feasible, so rho* along the segment is convex where
+    finite: a coarse log grid locates the minimum, a golden-section search on log theta refines it."""
+    from scipy.optimize import minimize_scalar
+
+    def rho_at(log_theta: float) -> float:
+        theta = float(np.exp(log_theta))
+        value = schur_rho(net, (1.0 - theta) * t + theta * anchor)
+        return math.inf if value is None else value
+
+    grid = np.linspace(np.log(1e-9), 0.0, 28)
+    values = [rho_at(g) for g in grid]
+    i = int(np.argmin(values))
+    if not np.isfinite(values[i]):
+        return None
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    res = minimize_scalar(rho_at, bounds=(lo, hi), method="bounded", options={"xatol": 1e-3})
+    best = res.x if res.fun < values[i] else grid[i]
+    return float(np.exp(best))

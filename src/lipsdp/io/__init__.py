@@ -1,0 +1,53 @@
+"""Loaders: turn a model object or file into a `Network`.
+
+`load_network(model)` accepts a Network, a torch module, or a path (.npz, .mat, .onnx).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lipsdp.errors import ModelLoadError
+from lipsdp.network import Network
+
+
+def load_network(model: Any, **options: Any) -> Network:
+    """Dispatch on the model's type (or file suffix) to the right loader."""
+    if isinstance(model, Network):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.exists():
+            raise ModelLoadError(f"model file not found: {path}")
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a directory; give a model file (.npz, .mat, .onnx)")
+        suffix = path.suffix.lower()
+        if suffix == ".npz":
+            from lipsdp.io.arrays import load_npz
+
+            return load_npz(path)
+        if suffix == ".mat":
+            from lipsdp.io.arrays import load_mat
+
+            return load_mat(path)
+        if suffix == ".onnx":
+            from lipsdp.io.onnx_model import load_onnx
+
+            return load_onnx(path, **options)
+        raise ModelLoadError(
+            f"{path}: unsupported file type '{suffix or '(none)'}'; lipsdp reads .npz, .mat and .onnx files "
+            "(save a torch model with lipsdp.io.save_npz or export it to ONNX)"
+        )
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(model, torch.nn.Module):
+        from lipsdp.io.torch_model import from_torch
+
+        return from_torch(model, **options)
+    raise ModelLoadError(
+        f"cannot read a model of type {type(model).__name__}; give a lipsdp.Network, a torch.nn.Module, "
+        "or a path to a .npz, .mat or .onnx file"
+    )

@@ -1,0 +1,76 @@
+"""The registry of bounding methods. Adding a method is one module and one line in `_REGISTRY`.
+
+Every method takes a `Network` and keyword options and returns a `MethodOutput` whose `upper` is a
+verified upper bound (proved by `lipsdp.certify`); `raw` is the method's own, unverified value.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lipsdp.errors import UnknownMethodError
+from lipsdp.network import Network
+
+
+@dataclass
+class MethodOutput:
+    """What a method hands back: a verified `upper`, the unverified `raw` value, and how it was proved."""
+
+    upper: float
+    raw: float
+    status: str
+    certificate: str
+    multipliers: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+    solver: str | None = None
+
+
+# name -> (module, function, one-line description)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "naive": ("lipsdp.methods.naive", "naive", "product of the layers' spectral norms (verified, loose)"),
+    "layer": ("lipsdp.methods.sdp", "lipsdp_layer", "LipSDP-Layer: one multiplier per layer (verified)"),
+    "neuron": ("lipsdp.methods.sdp", "lipsdp_neuron", "LipSDP-Neuron: one multiplier per neuron (verified)"),
+    "neuron-dense": (
+        "lipsdp.methods.sdp",
+        "lipsdp_neuron_dense",
+        "LipSDP-Neuron through the direct dense CVXPY formulation (verified; for comparison)",
+    ),
+    "sequential": (
+        "lipsdp.methods.sequential",
+        "sequential",
+        "layer-by-layer closed-form multipliers, linear cost in depth (verified)",
+    ),
+}
+
+_REFUSED = {
+    "network": (
+        "method 'network' (LipSDP-Network) is not offered: its coupled multipliers were shown unsound "
+        "(Pauli et al., 2021, 'Training robust neural networks using Lipschitz bounds'), so its number is "
+        "not a valid bound. Use method='neuron', which is sound and usually just as tight."
+    ),
+}
+
+
+def available_methods() -> dict[str, str]:
+    """Names of the registered methods with their descriptions."""
+    return {name: desc for name, (_, _, desc) in _REGISTRY.items()}
+
+
+def get_method(name: str) -> Callable[..., MethodOutput]:
+    """Resolve a method name; unknown names raise an error listing the valid ones."""
+    key = str(name).strip().lower()
+    if key in _REFUSED or key.startswith("network"):
+        raise UnknownMethodError(_REFUSED["network"])
+    if key not in _REGISTRY:
+        raise UnknownMethodError(f"unknown method '{name}'; valid methods: {', '.join(_REGISTRY)}")
+    module, func, _ = _REGISTRY[key]
+    return getattr(importlib.import_module(module), func)
+
+
+def register_method(name: str, module: str, func: str, description: str) -> None:
+    """Register an additional method (e.g. from a plug-in)."""
+    _REGISTRY[name] = (module, func, description)

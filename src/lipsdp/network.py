@@ -1,0 +1,185 @@
+"""The network model every method works on: a chain of affine maps and slope-restricted activations.
+
+f(x) = W_l phi_l(... phi_1(W_0 x + b_0) ...) + b_l.  Hidden layer k (1..l) has activation phi_k with
+per-neuron slope bounds alpha_k, beta_k (vectors; usually constant, but local bounds tighten them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lipsdp.activations import Activation, activation
+from lipsdp.errors import InvalidNetworkError
+
+
+@dataclass(frozen=True)
+class Network:
+    """Affine maps W_k, b_k and hidden-layer activations with slope bounds.
+
+    Build one with `Network.from_arrays(weights, activations)` or a loader in `lipsdp.io`.
+    """
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    activations: tuple[Activation, ...]
+    alphas: tuple[np.ndarray, ...] = field(repr=False)
+    betas: tuple[np.ndarray, ...] = field(repr=False)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        weights: Sequence[np.ndarray],
+        activations: str | Activation | Sequence[str | Activation] = "relu",
+        biases: Sequence[np.ndarray | None] | None = None,
+    ) -> Network:
+        """Validate and build a network from (n_out, n_in) weight matrices.
+
+        `activations` is one name for every hidden layer or one per hidden layer (len(weights) - 1).
+        """
+        weights = [np.asarray(w) for w in weights]
+        if len(weights) == 0:
+            raise InvalidNetworkError("the network has no weight matrices; give at least one")
+        hidden = len(weights) - 1
+        if isinstance(activations, (str, Activation)):
+            activations = [activations] * hidden
+        activations = list(activations)
+        if len(activations) != hidden:
+            raise InvalidNetworkError(
+                f"{len(weights)} weight matrices need {hidden} hidden-layer activations, got {len(activations)}"
+            )
+        acts = tuple(a if isinstance(a, Activation) else activation(a) for a in activations)
+        if biases is None:
+            biases = [None] * len(weights)
+        if len(biases) != len(weights):
+            raise InvalidNetworkError(f"{len(weights)} weight matrices but {len(biases)} biases")
+        ws, bs = [], []
+        for k, (w, b) in enumerate(zip(weights, biases)):
+            if w.ndim == 1:
+                w = w.reshape(1, -1)
+            if w.ndim != 2:
+                raise InvalidNetworkError(f"layer {k}: weight must be a 2-D (n_out, n_in) matrix, got shape {w.shape}")
+            if not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
+                raise InvalidNetworkError(f"layer {k}: weight must hold real numbers, got dtype {w.dtype}")
+            w = np.ascontiguousarray(w, dtype=np.float64)
+            if w.size == 0:
+                raise InvalidNetworkError(f"layer {k}: weight matrix is empty (shape {w.shape})")
+            if not np.all(np.isfinite(w)):
+                raise InvalidNetworkError(f"layer {k}: weight matrix contains NaN or infinite values")
+            b = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
+            if b.shape != (w.shape[0],):
+                raise InvalidNetworkError(f"layer {k}: bias has {b.size} entries but the layer has {w.shape[0]} outputs")
+            if not np.all(np.isfinite(b)):
+                raise InvalidNetworkError(f"layer {k}: bias contains NaN or infinite values")
+            if k > 0 and w.shape[1] != ws[-1].shape[0]:
+                raise InvalidNetworkError(
+                    f"layer {k}: weight takes {w.shape[1]} inputs but layer {k - 1} has {ws[-1].shape[0]} outputs"
+                )
+            ws.append(w)
+            bs.append(b)
+        alphas = tuple(np.full(ws[k].shape[0], acts[k].alpha) for k in range(hidden))
+        betas = tuple(np.full(ws[k].shape[0], acts[k].beta) for k in range(hidden))
+        return cls(tuple(ws), tuple(bs), acts, alphas, betas)
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def sizes(self) -> list[int]:
+        """Layer widths [n_0, n_1, ..., n_l, n_out]."""
+        return [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+
+    @property
+    def depth(self) -> int:
+        """Number of hidden layers l (= number of weight matrices - 1)."""
+        return len(self.weights) - 1
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [w.shape[0] for w in self.weights[:-1]]
+
+    @property
+    def n_neurons(self) -> int:
+        return int(sum(self.hidden_sizes))
+
+    def describe(self) -> str:
+        acts = sorted({a.label() for a in self.activations}) or ["none"]
+        return f"[{', '.join(map(str, self.sizes))}] ({'/'.join(acts)})"
+
+    # -- evaluation --------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Evaluate the network on inputs x of shape (n_0,) or (batch, n_0)."""
+        h = np.asarray(x, dtype=np.float64)
+        for k, w in enumerate(self.weights):
+            h = h @ w.T + self.biases[k]
+            if k < self.depth:
+                h = apply_activation(self.activations[k], h)
+        return h
+
+    # -- transformations ---------------------------------------------------------------------
+    def with_slopes(self, alphas: Sequence[np.ndarray], betas: Sequence[np.ndarray]) -> Network:
+        """The same network with tighter per-neuron slope bounds (e.g. valid on an input region)."""
+        alphas = tuple(np.asarray(a, dtype=np.float64) for a in alphas)
+        betas = tuple(np.asarray(b, dtype=np.float64) for b in betas)
+        for k, (a, b) in enumerate(zip(alphas, betas)):
+            if a.shape != (self.hidden_sizes[k],) or b.shape != a.shape or np.any(a > b):
+                raise InvalidNetworkError(f"hidden layer {k + 1}: slope bounds must be vectors with alpha <= beta")
+        return replace(self, alphas=alphas, betas=betas)
+
+    def with_last_weight(self, w_last: np.ndarray, b_last: np.ndarray | None = None) -> Network:
+        """The same network with its final affine map replaced (e.g. a class-pair difference row)."""
+        w_last = np.atleast_2d(np.asarray(w_last, dtype=np.float64))
+        if w_last.shape[1] != self.weights[-1].shape[1]:
+            raise InvalidNetworkError("replacement last layer does not match the last hidden width")
+        b = np.zeros(w_last.shape[0]) if b_last is None else np.asarray(b_last, dtype=np.float64)
+        return replace(self, weights=self.weights[:-1] + (w_last,), biases=self.biases[:-1] + (b,))
+
+    def split(self, k: int) -> list[Network]:
+        """Cut the chain into consecutive pieces of k weight matrices each (the last may be shorter).
+
+        The activation between two pieces is not part of either; multiply by its Lipschitz constant
+        (see `boundary_lipschitz`) when combining the pieces' bounds.
+        """
+        if int(k) != k or k < 1:
+            raise InvalidNetworkError(f"split must be a positive integer number of weight matrices, got {k}")
+        k = int(k)
+        pieces = []
+        for start in range(0, len(self.weights), k):
+            stop = min(start + k, len(self.weights))
+            pieces.append(
+                Network(
+                    self.weights[start:stop],
+                    self.biases[start:stop],
+                    self.activations[start : stop - 1],
+                    self.alphas[start : stop - 1],
+                    self.betas[start : stop - 1],
+                )
+            )
+        return pieces
+
+    def boundary_lipschitz(self, k: int) -> list[float]:
+        """Lipschitz constants of the activations sitting between the pieces of `split(k)`."""
+        out = []
+        for stop in range(k, len(self.weights), k):
+            a, b = self.alphas[stop - 1], self.betas[stop - 1]
+            out.append(float(max(np.max(np.abs(a)), np.max(np.abs(b)))))
+        return out
+
+
+def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
+    """Apply an activation to a numpy array."""
+    if act.name == "relu":
+        return np.maximum(h, 0.0)
+    if act.name == "tanh":
+        return np.tanh(h)
+    if act.name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * h))
+    if act.name == "softplus":
+        return np.logaddexp(0.0, h)
+    if act.name == "identity":
+        return h
+    if act.name == "leaky_relu":
+        return np.where(h >= 0, h, act.param * h)
+    if act.name == "elu":
+        return np.where(h > 0, h, act.param * np.expm1(np.minimum(h, 0.0)))
+    raise InvalidNetworkError(f"activation {act.name} has no forward implementation")

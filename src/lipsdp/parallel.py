@@ -1,0 +1,90 @@
+"""Running independent pieces of work on a `concurrent.futures.Executor`.
+
+Tasks are module-level functions of plain data (numpy arrays, Networks of arrays), so any executor works:
+a local process pool (`workers=N`) or a Dask cluster (`Client(address).get_executor()`). Results come
+back in submission order, whichever executor ran them. An executor passed in is never shut down here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any
+
+
+def _pin_threads() -> None:
+    """Give each worker process one BLAS / torch thread, so N workers use N cores, not N^2."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def dask_executor(address: str) -> Executor:
+    """An executor backed by an existing Dask cluster at `address` (needs the `dask` extra)."""
+    from lipsdp.errors import LipSDPError
+
+    try:
+        from distributed import Client
+    except ImportError:
+        raise LipSDPError("Dask support needs the dask extra: pip install 'lipsdp[dask]'") from None
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise LipSDPError(f"could not connect to the Dask scheduler at {address}: {exc}") from None
+    return client.get_executor()
+
+
+def run_all(
+    func: Callable[..., Any],
+    items: Sequence[Any],
+    *,
+    workers: int = 1,
+    executor: Executor | None = None,
+    on_done: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
+    """Apply `func` to each item (a tuple of arguments), in parallel when asked; results in order.
+
+    `on_done(index, result)` is called as each task finishes (for progress bars and incremental output).
+    """
+    items = list(items)
+    if executor is None and (workers <= 1 or len(items) <= 1):
+        results = []
+        for i, args in enumerate(items):
+            results.append(func(*args))
+            if on_done:
+                on_done(i, results[-1])
+        return results
+    own = executor is None
+    if own:
+        executor = ProcessPoolExecutor(max_workers=min(workers, len(items)), initializer=_pin_threads)
+    try:
+        futures = [executor.submit(func, *args) for args in items]
+        results: list[Any] = [None] * len(items)
+        pending = dict(enumerate(futures))
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        index_of = {id(f): i for i, f in pending.items()}
+        remaining: Iterable = list(futures)
+        while remaining:
+            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = index_of[id(fut)]
+                results[i] = fut.result()
+                if on_done:
+                    on_done(i, results[i])
+        return results
+    finally:
+        if own:
+            executor.shutdown(wait=True, cancel_futures=True)
