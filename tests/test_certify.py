@@ -1,0 +1,173 @@
+"""The verifier: it must accept feasible (rho, T), reject infeasible ones, and repair inexact solver output."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from conftest import he_network
+
+import lipsdp
+from lipsdp import Network
+from lipsdp.certify import certified_product, certify, certify_or_repair, prove_positive_definite
+from lipsdp.lmi import negated_lmi, schur_rho, sequential_multipliers
+from lipsdp.lower import jacobian_norms, lower_bound
+
+
+def dense_m(net: Network, rho: float, t: np.ndarray) -> np.ndarray:
+    """M(rho, T) written out block by block from the formulas in DESIGN.md (independent of lipsdp.lmi)."""
+    sizes = net.sizes[:-1]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    m = np.zeros((offs[-1], offs[-1]))
+    ts = np.split(np.asarray(t, dtype=float), np.cumsum(net.hidden_sizes)[:-1])
+    l = net.depth
+    for k in range(l + 1):
+        sl = slice(offs[k], offs[k + 1])
+        w = net.weights[k]
+        if k == 0:
+            m[sl, sl] -= rho * np.eye(sizes[0])
+        else:
+            m[sl, sl] -= 2.0 * np.diag(ts[k - 1])
+        if k < l:
+            a, b, tk = net.alphas[k], net.betas[k], np.diag(ts[k])
+            m[sl, sl] -= 2.0 * w.T @ (np.diag(a * b) @ tk) @ w
+            nxt = slice(offs[k + 1], offs[k + 2])
+            m[sl, nxt] += w.T @ np.diag(a + b) @ tk
+            m[nxt, sl] += (w.T @ np.diag(a + b) @ tk).T
+        else:
+            m[sl, sl] += w.T @ w
+    return m
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    return he_network([3, 6, 5, 2], 11, ["relu", "tanh"])
+
+
+@pytest.fixture(scope="module")
+def small_opt(small_net):
+    """The Neuron optimum of small_net: (verified result, its multipliers)."""
+    res = lipsdp.estimate(small_net, "neuron")
+    return res, res.multipliers
+
+
+def test_lmi_matches_the_paper_formula(small_net):
+    t = np.random.default_rng(0).uniform(0.1, 2.0, small_net.n_neurons)
+    np.testing.assert_allclose(negated_lmi(small_net, 3.7, t).dense(), -dense_m(small_net, 3.7, t), atol=1e-12)
+
+
+def test_schur_rho_is_the_smallest_feasible_rho(small_net, small_opt):
+    _, t = small_opt
+    rho = schur_rho(small_net, t)
+    assert rho is not None and rho > 0
+    # Independently: -M is PSD just above rho and indefinite just below (dense eigenvalues).
+    assert np.linalg.eigvalsh(-dense_m(small_net, rho * (1 + 1e-6), t))[0] > 0
+    assert np.linalg.eigvalsh(-dense_m(small_net, rho * (1 - 1e-6), t))[0] < 0
+
+
+def test_feasible_certificate_is_accepted_and_sound(small_net, small_opt):
+    res, t = small_opt
+    cert = certify(small_net, t)
+    assert cert is not None
+    assert cert.upper == pytest.approx(res.upper, rel=1e-9)
+    assert cert.upper**2 >= cert.rho
+    assert np.linalg.eigvalsh(-dense_m(small_net, cert.rho, cert.multipliers))[0] > 0
+    assert prove_positive_definite(small_net, cert.rho, cert.multipliers) > 0
+    lower = lower_bound(small_net, seed=0).value
+    assert lower <= cert.upper
+
+
+def test_rho_far_below_truth_is_rejected(small_net, small_opt):
+    res, t = small_opt
+    lower = lower_bound(small_net, seed=0).value
+    # No T can make rho < L^2 feasible; in particular not the optimal one.
+    assert prove_positive_definite(small_net, 0.25 * lower**2, t) is None
+    assert prove_positive_definite(small_net, 0.99 * lower**2, t) is None
+
+
+def test_rho_just_below_the_optimum_is_rejected(small_net, small_opt):
+    _, t = small_opt
+    rho = schur_rho(small_net, t)
+    assert prove_positive_definite(small_net, rho * (1 - 1e-7), t) is None
+    assert prove_positive_definite(small_net, rho * (1 + 1e-6), t) is not None
+
+
+def test_zero_multipliers_are_rejected(small_net):
+    zeros = np.zeros(small_net.n_neurons)
+    assert certify(small_net, zeros) is None
+    assert prove_positive_definite(small_net, 1e6, zeros) is None
+
+
+def test_wrong_multiplier_count_is_rejected(small_net, small_opt):
+    _, t = small_opt
+    assert certify(small_net, t[:-1]) is None
+    assert certify(small_net, np.full(small_net.n_neurons, np.nan)) is None
+
+
+def test_exactly_singular_lmi_is_rejected():
+    w = np.array([[3.0, 0.0], [0.0, 1.0]])
+    net = Network.from_arrays([w], [])
+    assert prove_positive_definite(net, 9.0, np.zeros(0)) is None  # rho I - W'W singular
+    assert prove_positive_definite(net, 9.0 * (1 + 1e-9), np.zeros(0)) is not None
+    assert certify(net, None).upper >= 3.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_multipliers_give_sound_bounds(seed):
+    """Whatever T the verifier accepts, the bound it proves lies above every Jacobian norm we can find.
+    T: the layer-by-layer multipliers scaled neuron by neuron by random factors in [0.6, 7.4]."""
+    rng = np.random.default_rng(seed)
+    net = he_network([3, 7, 7, 2], seed, bias_scale=0.5)
+    t = sequential_multipliers(net) * np.exp(rng.uniform(-0.5, 2.0, net.n_neurons))
+    cert = certify(net, t)
+    if cert is None:  # then T must really be infeasible: an indefinite hidden block
+        assert np.linalg.eigvalsh(-dense_m(net, 1e12, t)[3:, 3:])[0] < 0
+        return
+    assert np.linalg.eigvalsh(-dense_m(net, cert.rho, cert.multipliers))[0] > 0
+    xs = rng.standard_normal((2000, 3)) * 3.0
+    assert jacobian_norms(net, xs).max() <= cert.upper
+
+
+def test_repair_of_zero_multipliers_falls_back_to_sequential(small_net):
+    cert, note = certify_or_repair(small_net, np.zeros(small_net.n_neurons))
+    assert "layer-by-layer" in note
+    assert cert.upper == pytest.approx(lipsdp.estimate(small_net, "sequential").upper, rel=1e-9)
+
+
+def test_repair_of_perturbed_optimum(small_net, small_opt):
+    """Optimal multipliers with the last layer shrunk (so that 2T - W'W is indefinite) are infeasible;
+    the repair must still produce a verified bound close to the optimum."""
+    res, t = small_opt
+    bad = t.copy()
+    bad[-net_last(small_net) :] *= 0.3
+    assert certify(small_net, bad) is None
+    cert, note = certify_or_repair(small_net, bad)
+    assert note
+    assert cert.upper >= res.upper * (1 - 1e-9)
+    assert cert.upper <= lipsdp.estimate(small_net, "sequential").upper * (1 + 1e-9)
+
+
+def net_last(net: Network) -> int:
+    return net.hidden_sizes[-1]
+
+
+def test_scs_answer_below_optimum_is_repaired(original_net, original_neuron):
+    """SCS at default settings returns sqrt(rho) = 36.228 on the original net, below the true optimum
+    36.482: not a valid bound. The verified result must be >= the optimum and within a few percent."""
+    res = lipsdp.estimate(original_net, "neuron", solver="scs")
+    assert res.solver == "scs"
+    assert res.raw < original_neuron.raw  # the solver's own number is invalid ...
+    assert res.upper >= original_neuron.raw  # ... the verified one is not
+    assert res.upper >= original_neuron.upper * (1 - 1e-7)
+    assert res.upper <= original_neuron.upper * 1.03
+
+
+def test_certified_product_rounds_up():
+    factors = [0.1, 3.3, 7.0 / 3.0, 1e-3, 12.9]
+    exact = Fraction(1)
+    for f in factors:
+        exact *= Fraction(f)
+    assert Fraction(certified_product(factors)) >= exact
+    assert certified_product(factors) == pytest.approx(float(exact), rel=1e-14)
+    assert certified_product([2.0, 0.0]) == 0.0
