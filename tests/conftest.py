@@ -8,6 +8,7 @@ above them and every lower bound below them.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ ORIGINAL_NEURON_SPLIT2 = 37.668
 def he_network(sizes: list[int], seed: int, activation="relu", bias_scale: float = 0.0) -> Network:
     """Seeded network with He-initialised weights N(0, 2 / fan_in) and optional N(0, bias_scale^2) biases."""
     rng = np.random.default_rng(seed)
-    weights = [rng.normal(0.0, np.sqrt(2.0 / a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
+    weights = [rng.normal(0.0, np.sqrt(2.0 / a), size=(b, a)) for a, b in pairwise(sizes)]
     biases = [rng.normal(0.0, bias_scale, size=b) for b in sizes[1:]] if bias_scale else None
     return Network.from_arrays(weights, activation, biases)
 
@@ -62,7 +63,7 @@ def exact_lipschitz_1d(net: Network) -> float:
                 roots = -zc / za
             cuts = np.unique(roots[np.isfinite(roots) & (roots > lo) & (roots < hi)])
             edges = np.concatenate([[lo], cuts, [hi]])
-            for left, right in zip(edges[:-1], edges[1:]):
+            for left, right in pairwise(edges):
                 if np.isinf(left) and np.isinf(right):
                     mid = 0.0
                 elif np.isinf(left):

@@ -79,7 +79,7 @@ def test_feasible_certificate_is_accepted_and_sound(small_net, small_opt):
 
 
 def test_rho_far_below_truth_is_rejected(small_net, small_opt):
-    res, t = small_opt
+    _, t = small_opt
     lower = lower_bound(small_net, seed=0).value
     # No T can make rho < L^2 feasible; in particular not the optimal one.
     assert prove_positive_definite(small_net, 0.25 * lower**2, t) is None

@@ -15,7 +15,7 @@ SUPPORTED_MODULES = "Linear, ReLU, LeakyReLU, Tanh, Sigmoid, ELU, Softplus, Iden
 
 
 def _activation_of(module: Any) -> Activation | None:
-    import torch.nn as nn
+    from torch import nn
 
     if isinstance(module, nn.ReLU):
         return activation("relu")
@@ -28,6 +28,13 @@ def _activation_of(module: Any) -> Activation | None:
     if isinstance(module, nn.ELU):
         return activation("elu", module.alpha)
     if isinstance(module, nn.Softplus):
+        if float(module.beta) != 1.0:
+            # softplus(beta x) / beta has the same slope bounds but a different forward map, which the
+            # lower bound and Network.forward would get wrong.
+            raise UnsupportedLayerError(
+                f"Softplus(beta={module.beta:g}) is not supported, only beta=1; fold beta into the "
+                "neighbouring Linear layers (softplus(beta x) / beta)"
+            )
         return activation("softplus")
     return None
 
@@ -39,7 +46,7 @@ def _compose(first: Activation, second: Activation) -> Activation:
 
 def flatten_modules(model: Any) -> list[Any]:
     """The leaf modules of a (nested) Sequential in execution order."""
-    import torch.nn as nn
+    from torch import nn
 
     if isinstance(model, nn.Sequential):
         out = []
@@ -51,7 +58,7 @@ def flatten_modules(model: Any) -> list[Any]:
 
 def from_torch(model: Any, **_: Any) -> Network:
     """Convert a torch chain of Linear layers and activations (eval semantics: Dropout is the identity)."""
-    import torch.nn as nn
+    from torch import nn
 
     modules = flatten_modules(model)
     weights: list[np.ndarray] = []
