@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipsdp.network import Network
+from lipsdp.network import Network, activation_parts
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,15 @@ def _forward_fn(net: Network, smooth: float | None):
 
     ws = [torch.from_numpy(w) for w in net.weights]
     bs = [torch.from_numpy(b) for b in net.biases]
-    acts = net.activations
-    if any("+" in a.name for a in acts):
-        raise ValueError("lower bounds need the activations themselves, not composed slope bounds")
+    acts = [activation_parts(a) for a in net.activations]  # composed activations apply each part
 
     def f(x):
         h = x
         for k, (w, b) in enumerate(zip(ws, bs)):
             h = w @ h + b
             if k < len(acts):
-                h = _torch_activation(acts[k].name, acts[k].param, h, smooth)
+                for part in acts[k]:
+                    h = _torch_activation(part.name, part.param, h, smooth)
         return h
 
     return f

@@ -166,8 +166,23 @@ class Network:
         return out
 
 
+def activation_parts(act: Activation) -> list[Activation]:
+    """The activations a composed one (e.g. 'relu+tanh', two activation modules in a row) applies, in order."""
+    if "+" not in act.name:
+        return [act]
+    parts = []
+    for label in act.name.split("+"):
+        name, _, param = label.partition("(")
+        parts.append(activation(name, float(param.rstrip(")"))) if param else activation(name))
+    return parts
+
+
 def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
-    """Apply an activation to a numpy array."""
+    """Apply an activation (or a composition of several) to a numpy array."""
+    if "+" in act.name:
+        for part in activation_parts(act):
+            h = apply_activation(part, h)
+        return h
     if act.name == "relu":
         return np.maximum(h, 0.0)
     if act.name == "tanh":
