@@ -54,7 +54,9 @@ def small_opt(small_net):
 
 def test_lmi_matches_the_paper_formula(small_net):
     t = np.random.default_rng(0).uniform(0.1, 2.0, small_net.n_neurons)
-    np.testing.assert_allclose(negated_lmi(small_net, 3.7, t).dense(), -dense_m(small_net, 3.7, t), atol=1e-12)
+    np.testing.assert_allclose(
+        negated_lmi(small_net, 3.7, t).dense(), -dense_m(small_net, 3.7, t), atol=1e-12
+    )
 
 
 def test_schur_rho_is_the_smallest_feasible_rho(small_net, small_opt):

@@ -49,7 +49,12 @@ def assert_same_network(a: Network, b: Network) -> None:
 
 @pytest.mark.parametrize(
     "sizes,acts",
-    [([3, 6, 5, 2], "relu"), ([2, 4, 4, 4, 3], ["relu", "tanh", "leaky_relu:0.1"]), ([4, 3], []), ([3, 5, 1], "sigmoid")],
+    [
+        ([3, 6, 5, 2], "relu"),
+        ([2, 4, 4, 4, 3], ["relu", "tanh", "leaky_relu:0.1"]),
+        ([4, 3], []),
+        ([3, 5, 1], "sigmoid"),
+    ],
     ids=["relu", "mixed", "single-weight", "one-hidden"],
 )
 def test_npz_mat_torch_agree(tmp_path, sizes, acts):
