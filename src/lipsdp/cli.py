@@ -90,6 +90,33 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for REPORT.md, results.json, figures/")] = Path(
+        "report"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="tiny sizes: under a minute, for a smoke test")] = False,
+    mnist: Annotated[Path | None, typer.Option(help="also run MNIST from a Keras-style mnist.npz")] = None,
+    copy_figures: Annotated[
+        Path | None, typer.Option("--copy-figures", help="also copy the PNGs here (e.g. docs/figures)")
+    ] = None,
+) -> None:
+    """Rerun the paper's experiments (random nets, trained classifiers, certified robustness) into a report."""
+    from lipsdp.reproduce import run
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        res = run(out, quick=quick, mnist=mnist, figures_to=copy_figures,
+                  progress=lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    except LipSDPError as exc:
+        _fail(str(exc))
+    for text, ok in res.checks:
+        console.print(f"{'[green]ok[/]' if ok else '[bold red]FAILED[/]'}  {text}", highlight=False)
+    console.print(f"report: {res.report}", highlight=False)
+    if not all(ok for _, ok in res.checks):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
