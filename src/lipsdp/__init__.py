@@ -13,8 +13,12 @@ from lipsdp.errors import (
 from lipsdp.io import load_network
 from lipsdp.methods import available_methods
 from lipsdp.network import Network
+from lipsdp.region import Ball, Box
+from lipsdp.robustness import certify, pair_bounds
 
 __all__ = [
+    "Ball",
+    "Box",
     "InvalidNetworkError",
     "LipSDPError",
     "ModelLoadError",
@@ -25,7 +29,9 @@ __all__ = [
     "UnsupportedLayerError",
     "VerificationError",
     "available_methods",
+    "certify",
     "estimate",
     "load_network",
+    "pair_bounds",
 ]
 __version__ = "0.1.0"

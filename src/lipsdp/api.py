@@ -79,6 +79,8 @@ def estimate(
     executor: Executor | None = None,
     lower_samples: int = 512,
     lower_steps: int = 100,
+    pair: tuple[int, int] | None = None,
+    region: Any = None,
     **options: Any,
 ) -> Result:
     """Certified upper bound on the l2 Lipschitz constant of `model` (and optionally a lower bound).
@@ -89,6 +91,10 @@ def estimate(
     split    cut the chain into pieces of `split` weight matrices, bound each, multiply (looser, parallel)
     workers  processes for independent pieces; `executor` overrides with any concurrent.futures.Executor
     lower    also search for a lower bound (largest Jacobian norm), seeded by `seed`
+    pair     (i, j): bound f_i - f_j instead of the whole output (for certified robustness)
+    region   `lipsdp.Box(low, high)` or `lipsdp.Ball(center, eps)`: a bound valid for inputs in the region
+             only (slopes tightened by interval bound propagation); `lower` then searches the region
+    input_shape  (C, H, W) of one sample, for torch models with convolutions
     """
     start = time.perf_counter()
     get_method(method)  # fail fast on unknown names
@@ -98,6 +104,18 @@ def estimate(
     net = load_network(model, **loader_opts)
     method_opts = dict(options, solver=solver, seed=seed)
     notes: list[str] = []
+    if region is not None:
+        from lipsdp.region import localize
+
+        region = region.with_dim(net.sizes[0])
+        local = localize(net, region)
+        net = local.network
+        notes.append(local.note(region))
+    if pair is not None:
+        from lipsdp.robustness import pair_network
+
+        net = pair_network(net, pair)
+        notes.append(f"pair ({pair[0]}, {pair[1]}): bound of the logit difference f_{pair[0]} - f_{pair[1]}")
     if split is not None and split < len(net.weights):
         pieces = net.split(split)
         outputs = run_all(
@@ -124,7 +142,7 @@ def estimate(
     if lower:
         from lipsdp.lower import lower_bound
 
-        lb = lower_bound(net, samples=lower_samples, steps=lower_steps, seed=seed)
+        lb = lower_bound(net, samples=lower_samples, steps=lower_steps, seed=seed, region=region)
         lower_value, lower_point = lb.value, lb.point
         if lower_value > out.upper * (1 + 1e-9):
             raise LipSDPError(

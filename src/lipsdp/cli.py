@@ -54,16 +54,32 @@ def estimate(
     seed: Annotated[int, typer.Option(help="random seed for the lower bound")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
+    box: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help="local bound on the box LOW <= x <= HIGH (numbers or .npy files)", metavar="LOW HIGH"),
+    ] = None,
+    ball: Annotated[
+        tuple[Path, float] | None,
+        typer.Option(help="local bound on the l2 ball around POINT.npy of radius EPS", metavar="POINT.npy EPS"),
+    ] = None,
+    pair: Annotated[
+        tuple[int, int] | None, typer.Option(help="bound the logit difference f_I - f_J", metavar="I J")
+    ] = None,
 ) -> None:
     """Bound the Lipschitz constant of one or more models."""
     from lipsdp.api import estimate as run_estimate
+
+    region = _region_option(box, ball)
 
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     results = []
     for path in paths:
         try:
-            res = run_estimate(path, method, solver=solver, split=split, workers=workers, lower=lower, seed=seed)
+            res = run_estimate(
+                path, method, solver=solver, split=split, workers=workers, lower=lower, seed=seed,
+                region=region, pair=pair,
+            )
         except LipSDPError as exc:
             _fail(f"{path}: {exc}")
         results.append((str(path), res))
@@ -75,6 +91,98 @@ def estimate(
     for label, r in results:
         for note in r.notes:
             console.print(f"[dim]{label}: {note}[/]", highlight=False)
+
+
+def _array_arg(text: str | Path, name: str):
+    """A number, or the array in a .npy file."""
+    import numpy as np
+
+    text = str(text)
+    if text.lower().endswith(".npy"):
+        try:
+            return np.load(text, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            _fail(f"{name}: cannot read {text} ({exc})")
+    try:
+        return float(text)
+    except ValueError:
+        _fail(f"{name}: '{text}' is neither a number nor a .npy file")
+
+
+def _region_option(box: tuple[str, str] | None, ball: tuple[Path, float] | None):
+    """The input region of --box / --ball (at most one), or None."""
+    from lipsdp.region import Ball, Box
+
+    if box is not None and ball is not None:
+        _fail("give at most one of --box and --ball")
+    try:
+        if box is not None:
+            return Box(_array_arg(box[0], "--box LOW"), _array_arg(box[1], "--box HIGH"))
+        if ball is not None:
+            return Ball(_array_arg(ball[0], "--ball POINT"), ball[1])
+    except LipSDPError as exc:
+        _fail(str(exc))
+    return None
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def certify(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="classifier file (.npz, .mat, .onnx)")],
+    data: Annotated[Path, typer.Argument(help=".npz file with arrays x (inputs) and y (integer labels)")],
+    radii: Annotated[
+        list[float] | None, typer.Option("--radii", help="radii for the certified accuracy: --radii 0.1 0.2 ...")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", "-m", help="bounding method (see `lipsdp methods`)")] = "neuron",
+    bound: Annotated[str, typer.Option(help="'pair' (one bound per class pair) or 'global'")] = "pair",
+    solver: Annotated[str | None, typer.Option(help="SDP solver: clarabel, scs, mosek")] = None,
+    workers: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
+) -> None:
+    """Certified l2 robustness radii and certified accuracy of a classifier on a labelled data set."""
+    import numpy as np
+
+    from lipsdp.robustness import certify as run_certify
+
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    values = list(radii or [])
+    for extra in ctx.args:  # `--radii 0.1 0.2 0.3`: the values after the first arrive as extra arguments
+        try:
+            values.extend(float(v) for v in extra.split(",") if v)
+        except ValueError:
+            _fail(f"unexpected argument '{extra}' (radii must be numbers)")
+    if ctx.args and radii is None:
+        _fail(f"unexpected arguments {ctx.args}")
+    values = values or [0.0, 0.1, 0.25, 0.5, 1.0]
+    try:
+        with np.load(data, allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                _fail(f"{data}: needs arrays named x and y (found {list(arrays.keys())})")
+            x, y = arrays["x"], arrays["y"]
+    except (OSError, ValueError) as exc:
+        _fail(f"{data}: not a readable .npz file ({exc})")
+    try:
+        cert = run_certify(model, x, y, method=method, bound=bound, solver=solver, workers=workers)
+    except LipSDPError as exc:
+        _fail(f"{model}: {exc}")
+    if as_json:
+        print(json.dumps(dict(cert.to_dict(values), model=str(model)), indent=2))
+        return
+    table = Table(title=f"{model}: certified accuracy ({bound} bounds, {method})")
+    table.add_column("radius", justify="right")
+    table.add_column("certified accuracy", justify="right")
+    for r in values:
+        table.add_row(f"{r:g}", f"{cert.certified_accuracy(r):.4f}")
+    console.print(table)
+    correct = cert.radii[cert.correct]
+    median = _fmt(float(np.median(correct))) if correct.size else "-"
+    console.print(
+        f"clean accuracy {cert.clean_accuracy:.4f}; median certified radius of correct inputs {median}; "
+        f"{cert.seconds:.2f} s",
+        highlight=False,
+    )
 
 
 @app.command()

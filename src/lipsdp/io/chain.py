@@ -1,0 +1,119 @@
+"""Assembling a `Network` from a chain of affine maps and elementwise activations (shared by the torch
+and ONNX loaders).
+
+Consecutive affine maps (Linear, unrolled Conv, AvgPool, folded BatchNorm, Flatten, constant Add/Mul) are
+composed into one matrix, exactly: a batch-norm folds into the affine layer before it, or, when it follows
+an activation, into the one after it. Two affine maps whose product would be larger than the pair stay
+separate, joined by the identity activation (slopes alpha = beta = 1, exact in LipSDP).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lipsdp.activations import Activation, activation
+from lipsdp.errors import UnsupportedLayerError
+from lipsdp.network import Network
+
+
+def compose_activations(first: Activation, second: Activation) -> Activation:
+    """Two activations in a row: slopes multiply (both are monotone, alpha >= 0)."""
+    return Activation(f"{first.label()}+{second.label()}", first.alpha * second.alpha, first.beta * second.beta)
+
+
+class _Affine:
+    """x -> w x + b, where a 1-D `w` stands for diag(w) (kept lazy: batch-norms of conv layers are big)."""
+
+    def __init__(self, w: np.ndarray, b: np.ndarray) -> None:
+        self.w = np.asarray(w, dtype=np.float64)
+        self.b = np.array(b, dtype=np.float64).reshape(-1)
+
+    @property
+    def n_out(self) -> int:
+        return self.w.shape[0]
+
+    @property
+    def n_in(self) -> int:
+        return self.w.shape[-1]
+
+    def then(self, nxt: _Affine) -> _Affine | None:
+        """The composition nxt(self(x)), or None when the product matrix would outgrow the two factors."""
+        a, b = self.w, nxt.w
+        if a.ndim == 1 and b.ndim == 1:
+            w = b * a
+        elif a.ndim == 1:
+            w = b * a[None, :]
+        elif b.ndim == 1:
+            w = b[:, None] * a
+        elif b.shape[0] * a.shape[1] <= a.size + b.size:
+            w = b @ a
+        else:
+            return None
+        bias = (b * self.b if b.ndim == 1 else b @ self.b) + nxt.b
+        return _Affine(w, bias)
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        return (np.diag(self.w) if self.w.ndim == 1 else self.w), self.b
+
+
+class ChainBuilder:
+    """Collects affine maps and activations in execution order; `build()` returns the Network."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.layers: list[_Affine] = []  # closed affine layers, each followed by acts[k]
+        self.acts: list[Activation] = []
+        self.current: _Affine | None = None  # affine maps since the last activation
+        self.pending: Activation | None = None  # activation(s) after `current`
+        self.size: int | None = None  # current feature count
+
+    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str) -> None:
+        """Append x -> w x + b (w 2-D, or 1-D for a diagonal map)."""
+        w = np.asarray(w, dtype=np.float64)
+        b = np.zeros(w.shape[0]) if b is None else np.broadcast_to(np.asarray(b, dtype=np.float64), (w.shape[0],))
+        step = _Affine(w, b)
+        if self.size is not None and step.n_in != self.size:
+            raise UnsupportedLayerError(
+                f"{self.source}: {where} expects {step.n_in} input features but receives {self.size}"
+            )
+        if self.pending is not None:
+            if self.current is None:
+                raise UnsupportedLayerError(
+                    f"{self.source}: the network starts with an activation before its first affine layer "
+                    f"({where} is the first affine one); lipsdp needs the chain to start with an affine layer"
+                )
+            self.layers.append(self.current)
+            self.acts.append(self.pending)
+            self.current, self.pending = step, None
+        elif self.current is None:
+            self.current = step
+        else:
+            merged = self.current.then(step)
+            if merged is None:
+                self.layers.append(self.current)
+                self.acts.append(activation("identity"))
+                self.current = step
+            else:
+                self.current = merged
+        self.size = step.n_out
+
+    def activation(self, act: Activation) -> None:
+        """Append an elementwise activation."""
+        self.pending = act if self.pending is None else compose_activations(self.pending, act)
+
+    @property
+    def empty(self) -> bool:
+        return self.current is None and not self.layers
+
+    def build(self) -> Network:
+        """The Network; a trailing activation becomes a hidden layer followed by the identity map."""
+        if self.current is None:
+            raise UnsupportedLayerError(f"{self.source}: the model has no affine (Linear/Gemm/Conv) layer")
+        layers, acts = list(self.layers), list(self.acts)
+        layers.append(self.current)
+        if self.pending is not None:
+            # Exact, and LipSDP then uses the final activation's slope bounds.
+            acts.append(self.pending)
+            layers.append(_Affine(np.ones(self.current.n_out), np.zeros(self.current.n_out)))
+        weights, biases = zip(*(layer.dense() for layer in layers))
+        return Network.from_arrays(list(weights), acts, list(biases))
