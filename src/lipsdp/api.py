@@ -64,7 +64,9 @@ class Result:
 
 def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOutput:
     """Module-level task: bound one network (or one piece of it) with one method."""
-    return get_method(method)(net, **options)
+    from lipsdp.scaling import bound_rescaled
+
+    return bound_rescaled(get_method(method), net, method, options)
 
 
 def estimate(

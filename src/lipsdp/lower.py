@@ -111,6 +111,8 @@ def lower_bound(
         f = _forward_fn(net, sharpness)
         jac = vmap(jacrev(f))(x)
         loss = -torch.linalg.matrix_norm(jac, ord=2).sum()
+        if not loss.requires_grad:  # the Jacobian does not depend on x (all-identity net): nothing to ascend
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()
