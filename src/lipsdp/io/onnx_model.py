@@ -288,9 +288,11 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, *
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
     chain = _OnnxChain(path, graph, input_shape)
     consumers: dict[str, int] = {}
-    for node in graph.node:
+    readers: dict[str, list[str]] = {}
+    for index, node in enumerate(graph.node):
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
+            readers.setdefault(name, []).append(_describe(node, index))
     for index, node in enumerate(graph.node):
         where = _describe(node, index)
         if node.op_type == "Constant":
@@ -318,8 +320,9 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, *
             )
         if consumers.get(chain.current, 0) > 1 or chain.current == chain.output:
             raise UnsupportedLayerError(
-                f"{path}: tensor '{chain.current}' feeds several nodes (or is also an output): the graph branches; "
-                "lipsdp reads chain graphs only"
+                f"{path}: tensor '{chain.current}' feeds several nodes ({', '.join(readers.get(chain.current, []))})"
+                " or is also a graph output: the graph branches (e.g. a residual connection); lipsdp reads chain "
+                "graphs only"
             )
         chain.add(index, node, data)
         extra = [o for o in node.output[1:] if o and consumers.get(o, 0)]
