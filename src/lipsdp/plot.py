@@ -33,6 +33,21 @@ def style(name: str) -> dict[str, Any]:
     return dict(_STYLE.get(key, {"marker": "."}))
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Label a log axis with plain numbers (10, 20, 50) instead of powers, minor ticks too when the range is
+    under two decades, so that a narrow range still shows readable values."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(fmt)
+    lo, hi = axis.get_view_interval()
+    if lo > 0 and hi / lo < 100:
+        axis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))
+        axis.set_minor_formatter(fmt)
+    else:
+        axis.set_minor_formatter(NullFormatter())
+
+
 def plot_series(
     ax: Any,
     x: Sequence[float],
@@ -53,8 +68,10 @@ def plot_series(
         ax.plot(x, y, label=name, **style(name))
     if logx:
         ax.set_xscale("log")
+        _plain_log_labels(ax.xaxis)
     if logy:
         ax.set_yscale("log")
+        _plain_log_labels(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

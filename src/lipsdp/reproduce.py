@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -92,6 +93,7 @@ class ReproduceConfig:
     lower_samples: int = 256
     lower_steps: int = 40
     seed: int = 0
+    workers: int = 1
     quick: bool = False
 
 
@@ -118,7 +120,7 @@ def default_config(quick: bool = False, mnist: str | Path | None = None) -> Repr
                              radii=tuple(np.round(np.linspace(0, 1.2, 13), 3)), robust_points=100,
                              local_points=30),
         ]
-        cfg = ReproduceConfig(methods=methods)
+        cfg = ReproduceConfig(methods=methods, workers=min(2, os.cpu_count() or 1))
     if mnist is not None:
         classifiers.append(
             ClassifierConfig("mnist", (32,), epochs=3 if quick else 10, eps=(0.05,) if quick else (0.05, 0.1),
@@ -325,42 +327,6 @@ def trained_classifiers(
 # ----------------------------------------------------------------------------------------------
 # experiment 3: certified robustness
 # ----------------------------------------------------------------------------------------------
-def ball_slopes(net: Network, x: np.ndarray, radius: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-neuron slope bounds valid on the l2 ball B(x, radius), by interval propagation.
-
-    The first layer's pre-activations are bounded exactly (w.x + b +- radius ||w||), later ones by interval
-    arithmetic. ReLU neurons proved always active get slopes [1, 1], always inactive [0, 0]; others (and
-    other activations) keep their global bounds. A small tolerance keeps rounding from fixing a neuron.
-    """
-    alphas, betas = [], []
-    w0 = net.weights[0]
-    center = w0 @ x + net.biases[0]
-    rad = radius * np.linalg.norm(w0, axis=1)
-    for k in range(net.depth):
-        lo, hi = center - rad, center + rad
-        tol = 1e-9 * (1.0 + np.abs(center) + rad)
-        a, b = net.alphas[k].copy(), net.betas[k].copy()
-        if net.activations[k].name == "relu":
-            on, off = lo > tol, hi < -tol
-            a[on], b[on] = 1.0, 1.0
-            a[off], b[off] = 0.0, 0.0
-            lo, hi = np.maximum(lo, 0.0), np.maximum(hi, 0.0)
-        else:
-            from lipsdp.network import apply_activation
-
-            lo, hi = apply_activation(net.activations[k], lo), apply_activation(net.activations[k], hi)
-        alphas.append(a)
-        betas.append(b)
-        c, r = (lo + hi) / 2, (hi - lo) / 2
-        w = net.weights[k + 1]
-        center, rad = w @ c + net.biases[k + 1], np.abs(w) @ r
-    return alphas, betas
-
-
-def _pair_row(net: Network, i: int, j: int) -> np.ndarray:
-    return net.weights[-1][i] - net.weights[-1][j]
-
-
 @dataclass
 class Robustness:
     """Certified and attacked accuracy of one classifier on `n_points` test points at each radius."""
@@ -376,17 +342,11 @@ class Robustness:
     pair_bounds: dict[str, float]
     local_solves: int = 0
     seconds: float = 0.0
-    api: str = "reproduce fallback"
+    api: str = "lipsdp.certify (global, pair) and lipsdp.estimate(pair=, region=lipsdp.Ball) (local)"
 
 
-def _global_radii(net: Network, x: np.ndarray, y: np.ndarray, lip: float) -> np.ndarray:
-    """Certified radius margin / (sqrt2 L) of each point (0 where misclassified)."""
-    logits = net.forward(x)
-    true = logits[np.arange(len(y)), y]
-    other = logits.copy()
-    other[np.arange(len(y)), y] = -np.inf
-    margin = true - other.max(axis=1)
-    return np.where(margin > 0, margin / (math.sqrt(2.0) * lip), 0.0)
+def _sdp_or_sequential(method: str, net: Network, cfg: ReproduceConfig) -> str:
+    return "sequential" if method in SDP_METHODS and lmi_size(net) > cfg.sdp_limit else method
 
 
 def robustness(
@@ -394,82 +354,67 @@ def robustness(
 ) -> Robustness:
     """Certified accuracy against the l2 radius with global, pair and local bounds, and PGD accuracy.
 
-    global: margin / (sqrt2 L) with the model's best verified L. pair: min_j (f_y - f_j) / L_yj with L_yj the
-    verified bound of the logit difference y - j. local: at each radius r, pair bounds recomputed with slope
-    bounds valid on the ball B(x, r) (`ball_slopes`); the point counts if every f_y - f_j > L r. The local
-    curve uses the first `local_points` points and pair certificates elsewhere, so it is a valid lower
-    estimate of the certified accuracy on all `robust_points`.
+    global: margin / (sqrt2 L) (`lipsdp.certify(bound='global')`). pair: min_j (f_y - f_j) / L_yj with L_yj
+    the verified bound of the logit difference (`bound='pair'`). local: at each radius r, the pair bounds
+    that do not already certify are recomputed on the ball B(x, r) (`estimate(pair=, region=Ball(x, r))`);
+    the point counts if every f_y - f_j > min(L_yj, local L_yj) r. The local bounds are computed for the
+    first `local_points` points only; the others keep their pair certificate, so the local curve is a valid
+    (if pessimistic) certified accuracy on all points.
     """
+    import lipsdp
     from lipsdp.training import attacked_accuracy
 
     start = time.perf_counter()
     net = tm.net
     n = min(cc.robust_points, len(data.y_test))
     x, y = data.x_test[:n], data.y_test[:n]
-    radii = [float(r) for r in cc.radii]
-    finite = {m: v for m, v in tm.bounds.items() if v is not None and m != "lower"}
-    global_method = min(finite, key=finite.get)
-    lip = finite[global_method]
-    r_global = _global_radii(net, x, y, lip)
-
-    n_classes = net.weights[-1].shape[0]
-    pair_method = cc.pair_method if lmi_size(net) <= cfg.sdp_limit or cc.pair_method not in SDP_METHODS \
-        else "sequential"
+    radii = np.array([float(r) for r in cc.radii])
+    global_method = _sdp_or_sequential("neuron", net, cfg)
+    pair_method = _sdp_or_sequential(cc.pair_method, net, cfg)
+    local_method = _sdp_or_sequential(cc.local_method, net, cfg)
+    glob = lipsdp.certify(net, x, y, bound="global", method=global_method, seed=cfg.seed)
+    pair = lipsdp.certify(net, x, y, bound="pair", method=pair_method, workers=cfg.workers, seed=cfg.seed)
+    n_classes = net.sizes[-1]
     pair_l = np.full((n_classes, n_classes), np.inf)
-    for i in range(n_classes):
-        for j in range(i + 1, n_classes):
-            pnet = net.with_last_weight(_pair_row(net, i, j))
-            pair_l[i, j] = pair_l[j, i] = estimate(pnet, pair_method, seed=cfg.seed).upper
+    for (i, j), value in pair.bounds.items():
+        pair_l[i, j] = pair_l[j, i] = value
     logits = net.forward(x)
-    margins = logits[np.arange(n), y][:, None] - logits  # m[p, j] = f_y - f_j
-    correct = logits.argmax(axis=1) == y
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(np.arange(n_classes)[None, :] == y[:, None], np.inf, margins / pair_l[y])
-    r_pair = np.where(correct, ratio.min(axis=1), 0.0)
-
-    local_method = cc.local_method if lmi_size(net) <= cfg.sdp_limit or cc.local_method not in SDP_METHODS \
-        else "sequential"
+    margins = logits[np.arange(n), y][:, None] - logits  # margins[p, j] = f_y - f_j
+    correct = pair.correct
+    local_ok = correct[:, None] & (pair.radii[:, None] >= radii[None, :])
     n_local = min(cc.local_points, n)
-    local_ok = np.zeros((n, len(radii)), dtype=bool)
-    for k, r in enumerate(radii):
-        local_ok[:, k] = r_pair > r
     solves = 0
-    for p in range(n_local):
-        if not correct[p]:
-            continue
+    for p in np.flatnonzero(correct[:n_local]):
         for k, r in enumerate(radii):
             if local_ok[p, k]:
                 continue
-            alphas, betas = ball_slopes(net, x[p], r)
-            local = net.with_slopes(alphas, betas)
             ok = True
             for j in range(n_classes):
                 if j == y[p] or margins[p, j] > pair_l[y[p], j] * r:
                     continue
-                lj = estimate(local.with_last_weight(_pair_row(net, y[p], j)), local_method, seed=cfg.seed).upper
+                lj = estimate(net, local_method, pair=(int(y[p]), j), region=lipsdp.Ball(x[p], r), seed=cfg.seed)
                 solves += 1
-                if not margins[p, j] > min(lj, pair_l[y[p], j]) * r:
+                if not margins[p, j] > min(lj.upper, pair_l[y[p], j]) * r:
                     ok = False
                     break
             if not ok:
-                break  # the local bound only grows with r: larger radii fail too
+                break  # the ball only grows with r, so larger radii fail too
             local_ok[p, k] = True
     curves = {
         "clean": [float(np.mean(correct))] * len(radii),
-        f"global ({global_method})": [float(np.mean(r_global > r)) for r in radii],
-        f"pair ({pair_method})": [float(np.mean(r_pair > r)) for r in radii],
-        f"local ({local_method}, {n_local} pts)": [float(np.mean(local_ok[:, k])) for k in range(len(radii))],
-        "pgd attack": [
-            attacked_accuracy(tm.model, x, y, r, "l2", steps=cfg.attack_steps, restarts=cfg.attack_restarts,
-                              seed=cfg.seed)
-            for r in radii
-        ],
+        f"global ({global_method})": [float(v) for v in glob.certified_accuracy(radii)],
+        f"pair ({pair_method})": [float(v) for v in pair.certified_accuracy(radii)],
     }
-    if n_local == 0:
-        curves.pop(next(k for k in curves if k.startswith("local")))
-    pairs = {f"{i}-{j}": float(pair_l[i, j]) for i in range(n_classes) for j in range(i + 1, n_classes)}
-    res = Robustness(cc.dataset, tm.label, radii, curves, n, n_local, lip, global_method, pairs, solves,
-                     time.perf_counter() - start)
+    if n_local:
+        curves[f"local ({local_method}, {n_local} pts)"] = [float(v) for v in local_ok.mean(axis=0)]
+    curves["pgd attack"] = [
+        attacked_accuracy(tm.model, x, y, float(r), "l2", steps=cfg.attack_steps, restarts=cfg.attack_restarts,
+                          seed=cfg.seed)
+        for r in radii
+    ]
+    pairs = {f"{i}-{j}": float(v) for (i, j), v in sorted(pair.bounds.items())}
+    res = Robustness(cc.dataset, tm.label, [float(r) for r in radii], curves, n, n_local,
+                     float(glob.bounds["global"]), global_method, pairs, solves, time.perf_counter() - start)
     _say(progress, f"{cc.dataset}: robustness of {tm.label} done ({solves} local solves, {res.seconds:.1f}s)")
     return res
 
