@@ -35,6 +35,12 @@ def load_network(model: Any, **options: Any) -> Network:
             from lipsdp.io.onnx_model import load_onnx
 
             return load_onnx(path, **options)
+        if suffix in (".pt", ".pth", ".ckpt", ".pkl"):
+            raise ModelLoadError(
+                f"{path}: lipsdp does not read pickled torch files (loading one can run code, and a state_dict "
+                "does not record the activations); load it yourself with torch.load(..., weights_only=True), "
+                "rebuild the nn.Sequential, and pass the module to lipsdp.estimate"
+            )
         raise ModelLoadError(
             f"{path}: unsupported file type '{suffix or '(none)'}'; lipsdp reads .npz, .mat and .onnx files "
             "(save a torch model with lipsdp.io.save_npz or export it to ONNX)"

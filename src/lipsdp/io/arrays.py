@@ -13,11 +13,11 @@ from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.network import Network
 
 
-def _numbered(keys: list[str], prefix: str) -> list[str]:
+def _numbered(keys: list[str], prefix: str, source: str = "weight file") -> list[str]:
     found = sorted((int(m.group(1)), k) for k in keys if (m := re.fullmatch(prefix + r"(\d+)", k)))
     indices = [i for i, _ in found]
     if indices and indices != list(range(len(indices))):
-        raise ModelLoadError(f"arrays {prefix}0, {prefix}1, ... must be numbered without gaps; found {indices}")
+        raise ModelLoadError(f"{source}: arrays {prefix}0, {prefix}1, ... must be numbered without gaps; found {indices}")
     return [k for _, k in found]
 
 
@@ -28,9 +28,41 @@ def _build(source: str, weights: list[np.ndarray], biases, activations) -> Netwo
         raise type(exc)(f"{source}: {exc}") from None
 
 
+# Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
+MAX_ARRAY_ELEMENTS = 2**28
+
+
+def _check_npz_headers(path: Path) -> None:
+    """Read every member's .npy header (shape only, no data) and refuse absurd sizes before allocating."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read_header = {
+                        (1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0,
+                    }.get(version)
+                    if read_header is None:  # (3, 0) and later: leave the checks to np.load
+                        continue
+                    shape = read_header(fh)[0]
+                n = int(np.prod(shape, dtype=object)) if shape else 1
+                if n > MAX_ARRAY_ELEMENTS:
+                    raise ModelLoadError(
+                        f"{path}: array {info.filename[:-4]} claims shape {tuple(shape)} ({n:.3g} elements), beyond "
+                        f"the {MAX_ARRAY_ELEMENTS:.3g} lipsdp accepts; the file is corrupt or not a weight file"
+                    )
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+        raise ModelLoadError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
 def load_npz(path: str | Path) -> Network:
     """Read a `.npz` weight file. Never unpickles: object arrays are refused."""
     path = Path(path)
+    if zipfile.is_zipfile(path):
+        _check_npz_headers(path)
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -40,11 +72,11 @@ def load_npz(path: str | Path) -> Network:
     with data:
         try:
             keys = list(data.keys())
-            wkeys = _numbered(keys, "W")
+            wkeys = _numbered(keys, "W", str(path))
             if not wkeys:
                 raise ModelLoadError(f"{path}: no weight arrays W0, W1, ... found (arrays present: {keys})")
             weights = [data[k] for k in wkeys]
-            bkeys = _numbered(keys, "b")
+            bkeys = _numbered(keys, "b", str(path))
             biases = None
             if bkeys:
                 if len(bkeys) != len(wkeys):
@@ -68,6 +100,15 @@ def load_mat(path: str | Path) -> Network:
     import scipy.io
 
     path = Path(path)
+    try:  # shapes from the headers only, so a file claiming a huge array is refused before allocating
+        for name, shape, _ in scipy.io.whosmat(path):
+            n = int(np.prod(shape, dtype=object)) if shape else 1
+            if n > MAX_ARRAY_ELEMENTS:
+                raise ModelLoadError(f"{path}: variable '{name}' claims shape {tuple(shape)}, beyond what lipsdp accepts")
+    except ModelLoadError:
+        raise
+    except Exception:  # noqa: BLE001, S110 - unreadable headers are reported by loadmat below
+        pass
     try:
         data = scipy.io.loadmat(path)
     except (ValueError, TypeError, OSError, NotImplementedError, EOFError, Exception) as exc:  # noqa: BLE001
