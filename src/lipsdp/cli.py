@@ -65,6 +65,9 @@ def estimate(
     pair: Annotated[
         tuple[int, int] | None, typer.Option(help="bound the logit difference f_I - f_J", metavar="I J")
     ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="append one JSON line per model to FILE as each finishes")
+    ] = None,
 ) -> None:
     """Bound the Lipschitz constant of one or more models."""
     from lipsdp.api import estimate as run_estimate
@@ -74,15 +77,25 @@ def estimate(
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     results = []
-    for path in paths:
-        try:
-            res = run_estimate(
-                path, method, solver=solver, split=split, workers=workers, lower=lower, seed=seed,
-                region=region, pair=pair,
-            )
-        except LipSDPError as exc:
-            _fail(f"{path}: {exc}")
-        results.append((str(path), res))
+    try:
+        for path in paths:
+            try:
+                res = run_estimate(
+                    path, method, solver=solver, split=split, workers=workers, lower=lower, seed=seed,
+                    region=region, pair=pair,
+                )
+            except LipSDPError as exc:
+                _fail(f"{path}: {exc}")
+            results.append((str(path), res))
+            if out is not None:  # written as each model finishes, so an interrupted run keeps its results
+                with open(out, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(dict(res.to_dict(), model=str(path))) + "\n")
+    except KeyboardInterrupt:
+        kept = f"; their results are in {out}" if out is not None and results else ""
+        err_console.print(
+            f"interrupted after {len(results)} of {len(paths)} models{kept}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(130) from None
     if as_json:
         payload = [dict(r.to_dict(), model=label) for label, r in results]
         print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
