@@ -19,11 +19,12 @@ from lipsdp import Network, SolverError, UnknownMethodError
 from lipsdp.lower import jacobian_norms, lower_bound
 
 METHODS = ("naive", "sequential", "layer", "neuron")
+SDP = ("layer", "neuron")
 REL = 1e-6
 
 
-def bounds(net: Network, methods=METHODS) -> dict[str, float]:
-    return {m: lipsdp.estimate(net, m).upper for m in methods}
+def bounds(net: Network, methods=METHODS, solver: str | None = None) -> dict[str, float]:
+    return {m: lipsdp.estimate(net, m, solver=solver if m in SDP else None).upper for m in methods}
 
 
 # -- one linear layer ------------------------------------------------------------------------------
@@ -216,6 +217,23 @@ def test_original_split2(original_net, original_neuron):
     res = lipsdp.estimate(original_net, "neuron", split=2)
     assert round(res.upper, 3) == ORIGINAL_NEURON_SPLIT2
     assert res.upper >= original_neuron.upper
+
+
+@pytest.mark.parametrize("method,published", [("layer", ORIGINAL_LAYER), ("neuron", ORIGINAL_NEURON)])
+def test_original_with_clarabel(original_net, method, published):
+    """The CVXPY + Clarabel path (a different solver and formulation) reproduces the same numbers."""
+    res = lipsdp.estimate(original_net, method, solver="clarabel")
+    assert res.solver == "clarabel"
+    assert round(res.upper, 3) == published
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("sizes,act", NETS[:2] + NETS[3:])
+def test_default_solver_agrees_with_clarabel(sizes, act, seed):
+    net = he_network(sizes, seed, act)
+    default, clarabel = bounds(net, SDP), bounds(net, SDP, solver="clarabel")
+    for m in SDP:
+        assert default[m] == pytest.approx(clarabel[m], rel=1e-5), m
 
 
 def test_original_cheap_methods(original_net, original_neuron):
