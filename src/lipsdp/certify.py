@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
-from lipsdp.lmi import BlockTridiagonal, negated_lmi, schur_rho
+from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -111,20 +111,30 @@ class Certificate:
 
 
 def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
-    """Verified bound from multipliers t (one per hidden neuron); None if no proof could be made."""
+    """Verified bound from multipliers t (one per hidden neuron); None if no proof could be made.
+
+    The proof runs on the exactly balanced LMI (`lmi.Balancing`, power-of-two block scaling), which keeps
+    the rounding margin small relative to the smallest eigenvalue on deep networks."""
     t = np.zeros(0) if t is None else np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
     if not np.all(np.isfinite(t)) or t.size != net.n_neurons:
         return None
-    rho_star = schur_rho(net, t)
+    bal = Balancing.of(net)
+    net_b, t_b = bal.network(net), bal.multipliers(net, t)
+    if not (np.all(np.isfinite(t_b)) and all(np.all(np.isfinite(w)) for w in net_b.weights)):
+        return None
+    rho_star = schur_rho(net_b, t_b)
     if rho_star is None:
         return None
     scale = max(rho_star, 1e-200)  # a zero network still needs rho > 0 for a strict proof
     for inflation in RHO_INFLATIONS:
-        rho = rho_star + inflation * scale
-        proven = prove_positive_definite(net, rho, t)
+        rho_b = rho_star + inflation * scale
+        proven = prove_positive_definite(net_b, rho_b, t_b)
         if proven is not None:
+            rho = bal.original_rho(rho_b)  # exact: division by a power of two
+            if not np.isfinite(rho) or rho <= 0:
+                return None
             upper = math.nextafter(math.sqrt(rho), math.inf)
-            return Certificate(upper, rho, rho_star, t, proven)
+            return Certificate(upper, rho, bal.original_rho(rho_star), t, proven)
     log.debug("certificate failed for rho*=%g at every inflation", rho_star)
     return None
 

@@ -16,7 +16,7 @@ in O(sum n_k^3): any T >= 0 with R > 0 gives a bound with no SDP solver at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg as sla
@@ -162,3 +162,38 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
     res = minimize_scalar(negative_min_eig, bounds=(centre - 3.0, centre + 6.0), method="bounded")
     best = float(np.exp(res.x))
     return best if negative_min_eig(res.x) <= negative_min_eig(centre) else tau0
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """Exact power-of-two block scaling D = diag(d_k I) of the LMI: D F(rho, t) D is the LMI of the network
+    with weights W_k d_k / d_{k+1}, multipliers d_k^2 t_k (hidden layer k) and rho d_0^2. With d_k powers of
+    two every scaled number is exact in floating point (barring overflow), so a proof for the balanced LMI
+    is a proof for the original one. Chosen so that every scaled layer has norm about 1."""
+
+    d: np.ndarray  # d_0 .. d_{l+1}, d_{l+1} = 1
+
+    @classmethod
+    def of(cls, net: Network) -> Balancing:
+        exps = []
+        for w in net.weights:
+            norm = float(np.linalg.norm(w, 2)) if min(w.shape) <= 512 else float(np.linalg.norm(w))
+            exps.append(int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
+        d = np.ones(len(net.weights) + 1)
+        for k in range(len(net.weights) - 1, -1, -1):
+            d[k] = d[k + 1] * 2.0 ** (-exps[k])
+        return cls(d)
+
+    def network(self, net: Network) -> Network:
+        d = self.d
+        return replace(net, weights=tuple(w * (d[k] / d[k + 1]) for k, w in enumerate(net.weights)))
+
+    def multipliers(self, net: Network, t: np.ndarray) -> np.ndarray:
+        """Original multipliers -> balanced ones."""
+        return np.asarray(t) * np.repeat(self.d[1:-1] ** 2, net.hidden_sizes) if net.depth else np.asarray(t)
+
+    def original_multipliers(self, net: Network, t_balanced: np.ndarray) -> np.ndarray:
+        return np.asarray(t_balanced) / np.repeat(self.d[1:-1] ** 2, net.hidden_sizes) if net.depth else t_balanced
+
+    def original_rho(self, rho_balanced: float) -> float:
+        return rho_balanced / self.d[0] ** 2

@@ -16,7 +16,7 @@ def cvxpy_solver(name: str | None) -> tuple[str, str]:
 
     key = (name or DEFAULT_SOLVER).strip().lower()
     if key not in SOLVERS:
-        raise SolverError(f"unknown solver '{name}'; choose one of: {', '.join(SOLVERS)}")
+        raise SolverError(f"unknown solver '{name}'; choose one of: ipm, {', '.join(SOLVERS)}")
     constant, module, install = SOLVERS[key]
     import cvxpy as cp
 

@@ -51,7 +51,32 @@ def _formulate(net: Network, per_neuron: bool):
     return problem, rho, ts
 
 
-def _solve(net: Network, per_neuron: bool, solver: str | None, name: str) -> MethodOutput:
+# Largest LMI (sum of the layer widths except the output) the dense CVXPY path accepts by default: its
+# cost grows like n^4 or worse in memory and time (Clarabel's dense PSD cone), so bigger problems are
+# refused up front with advice instead of exhausting memory. Override with `max_lmi_size=`.
+MAX_CVXPY_LMI = 400
+_TIME_LIMIT_KEYS = {"clarabel": "time_limit", "scs": "time_limit_secs"}
+
+
+def _solver_options(solver_name: str, time_limit: float | None) -> dict:
+    """CVXPY keyword arguments that give the chosen solver a wall-clock limit in seconds."""
+    if time_limit is None:
+        return {}
+    if not time_limit > 0:
+        raise SolverError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    if solver_name == "mosek":
+        return {"mosek_params": {"MSK_DPAR_OPTIMIZER_MAX_TIME": float(time_limit)}}
+    return {_TIME_LIMIT_KEYS[solver_name]: float(time_limit)}
+
+
+def _solve(
+    net: Network,
+    per_neuron: bool,
+    solver: str | None,
+    name: str,
+    time_limit: float | None = None,
+    max_lmi_size: int = MAX_CVXPY_LMI,
+) -> MethodOutput:
     import cvxpy as cp
 
     solver_name, constant = cvxpy_solver(solver)
@@ -61,12 +86,25 @@ def _solve(net: Network, per_neuron: bool, solver: str | None, name: str) -> Met
         out = naive(net)
         out.notes.append("linear network: the bound is the spectral norm, no SDP needed")
         return out
+    size = int(sum(net.sizes[:-1]))
+    if size > max_lmi_size:
+        raise SolverError(
+            f"the {name} LMI would be {size} x {size}, above the limit of {max_lmi_size} for the dense CVXPY "
+            "path (its memory and time grow like n^4); use method='sequential' (linear cost in depth), "
+            "split=K, the default solver (structured interior point), or pass max_lmi_size= to try anyway"
+        )
     problem, rho, ts = _formulate(net, per_neuron)
+    notes = []
     try:
-        problem.solve(solver=constant)
+        problem.solve(solver=constant, **_solver_options(solver_name, time_limit))
+        status = str(problem.status)
     except cp.error.SolverError as exc:
-        raise SolverError(f"{solver_name} failed on the {name} SDP ({exc}); try solver='scs' or method='sequential'") from None
-    status = str(problem.status)
+        # No multipliers: the layer-by-layer ones still give a verified (looser) bound; notes say so.
+        log.warning("%s failed on the %s SDP: %s", solver_name, name, exc)
+        status = "solver_error"
+        notes.append(f"{solver_name} failed ({exc}); the bound comes from the layer-by-layer multipliers")
+    if status in ("infeasible", "unbounded", "infeasible_inaccurate", "unbounded_inaccurate"):
+        notes.append(f"solver reported '{status}' (LipSDP is always feasible: a numerical failure)")
     t = None
     if rho.value is not None and all(np.all(np.isfinite(np.asarray(x.value))) for x in ts if x.value is not None):
         try:
@@ -75,22 +113,57 @@ def _solve(net: Network, per_neuron: bool, solver: str | None, name: str) -> Met
             t = None
     raw = float(np.sqrt(max(float(rho.value), 0.0))) if rho.value is not None else float("nan")
     cert, note = certify_or_repair(net, t)
-    notes = [note] if note else []
+    notes = notes + ([note] if note else [])
     if status not in ("optimal",):
         notes.append(f"solver status: {status}")
     return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver_name)
 
 
-def lipsdp_layer(net: Network, *, solver: str | None = None, **_: object) -> MethodOutput:
-    """LipSDP-Layer (one multiplier per hidden layer). Verified upper bound."""
-    return _solve(net, per_neuron=False, solver=solver, name="LipSDP-Layer")
+def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) -> MethodOutput:
+    from lipsdp.methods.ipm import solve_lipsdp_ipm
+
+    if net.depth == 0:
+        from lipsdp.methods.naive import naive
+
+        return naive(net)
+    res = solve_lipsdp_ipm(net, per_neuron=per_neuron, time_limit=time_limit)
+    cert, note = certify_or_repair(net, res.multipliers)
+    notes = [note] if note else []
+    if res.status != "optimal":
+        notes.append(f"interior-point status: {res.status} after {res.iterations} iterations (bound still verified)")
+    raw = float(np.sqrt(max(res.rho, 0.0)))
+    return MethodOutput(cert.upper, raw, res.status, "lmi-cholesky", cert.multipliers, notes, "lipsdp-ipm")
 
 
-def lipsdp_neuron_dense(net: Network, *, solver: str | None = None, **_: object) -> MethodOutput:
-    """LipSDP-Neuron in its direct dense CVXPY form (one multiplier per neuron). Verified upper bound."""
-    return _solve(net, per_neuron=True, solver=solver, name="LipSDP-Neuron")
+def lipsdp_layer(
+    net: Network, *, solver: str | None = None, time_limit: float | None = None, **_: object
+) -> MethodOutput:
+    """LipSDP-Layer (one multiplier per hidden layer). Verified upper bound.
+
+    solver=None or 'ipm' uses the structured interior-point solver; 'clarabel', 'scs', 'mosek' go through CVXPY."""
+    if solver in (None, "ipm"):
+        return _solve_structured(net, per_neuron=False, time_limit=time_limit)
+    extra = {"max_lmi_size": _["max_lmi_size"]} if "max_lmi_size" in _ else {}
+    return _solve(net, per_neuron=False, solver=solver, name="LipSDP-Layer", time_limit=time_limit, **extra)
 
 
-def lipsdp_neuron(net: Network, *, solver: str | None = None, **opts: object) -> MethodOutput:
-    """LipSDP-Neuron, exact optimum, by the fastest available exact path. Verified upper bound."""
-    return lipsdp_neuron_dense(net, solver=solver, **opts)
+def lipsdp_neuron_dense(
+    net: Network, *, solver: str | None = None, time_limit: float | None = None, **opts: object
+) -> MethodOutput:
+    """LipSDP-Neuron in its direct dense CVXPY form (one multiplier per neuron). Verified upper bound.
+    `time_limit` (s) goes to the solver; `max_lmi_size` overrides the size refusal (`MAX_CVXPY_LMI`)."""
+    extra = {"max_lmi_size": opts["max_lmi_size"]} if "max_lmi_size" in opts else {}
+    return _solve(net, per_neuron=True, solver=solver, name="LipSDP-Neuron", time_limit=time_limit, **extra)
+
+
+def lipsdp_neuron(
+    net: Network, *, solver: str | None = None, time_limit: float | None = None, **opts: object
+) -> MethodOutput:
+    """LipSDP-Neuron, exact optimum, by the fastest exact path. Verified upper bound.
+
+    By default (solver=None or 'ipm') the structured interior-point solver (`methods.ipm`), which exploits
+    the rank-2 structure of each neuron's constraint; a named conic solver ('clarabel', 'scs', 'mosek')
+    solves the chordally decomposed LMI through CVXPY instead."""
+    if solver in (None, "ipm"):
+        return _solve_structured(net, per_neuron=True, time_limit=time_limit)
+    return lipsdp_neuron_dense(net, solver=solver, time_limit=time_limit, **opts)
