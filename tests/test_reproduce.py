@@ -139,3 +139,21 @@ def test_training_is_deterministic_and_learns():
         assert torch.equal(pa, pb)
     assert accuracy(a, x, y) > 0.9
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before  # restored
+
+
+def test_mnist_file_is_read_and_bad_files_are_refused(tmp_path):
+    from lipsdp.errors import LipSDPError
+    from lipsdp.reproduce import load_dataset
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, 50),
+             x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 20))
+    ds = load_dataset("mnist", mnist=path)
+    assert ds.x_train.shape == (50, 784) and ds.x_test.shape == (20, 784)
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+    np.savez(tmp_path / "bad.npz", images=np.zeros(3))
+    with pytest.raises(LipSDPError, match="x_train"):
+        load_dataset("mnist", mnist=tmp_path / "bad.npz")
+    with pytest.raises(LipSDPError, match="--mnist"):
+        load_dataset("mnist")

@@ -54,9 +54,9 @@ class RandomConfig:
     width_depth: int = 2
     n_in: int = 10
     n_out: int = 2
-    seeds: tuple[int, ...] = (0, 1, 2)
-    lower_samples: int = 256
-    lower_steps: int = 40
+    seeds: tuple[int, ...] = (0, 1)
+    lower_samples: int = 128
+    lower_steps: int = 30
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,11 @@ def default_config(quick: bool = False, mnist: str | Path | None = None) -> Repr
                               lower_samples=64, lower_steps=10, quick=True)
     else:
         classifiers = [
-            ClassifierConfig("iris", (16, 16), epochs=200, eps=(0.05, 0.1, 0.2, 0.3),
-                             radii=tuple(np.round(np.linspace(0, 1.0, 11), 3))),
-            ClassifierConfig("digits", (16, 16), epochs=40, eps=(0.02, 0.05, 0.1),
-                             radii=tuple(np.round(np.linspace(0, 1.2, 13), 3)), robust_points=100,
-                             local_points=30),
+            ClassifierConfig("iris", (16, 16), epochs=200, eps=(0.1, 0.2, 0.3),
+                             radii=tuple(np.round(np.linspace(0, 0.8, 9), 3)), local_points=20),
+            ClassifierConfig("digits", (16, 16), epochs=30, eps=(0.02, 0.05, 0.1),
+                             radii=tuple(np.round(np.linspace(0, 1.2, 9), 3)), robust_points=60,
+                             local_points=10),
         ]
         cfg = ReproduceConfig(methods=methods, workers=min(2, os.cpu_count() or 1))
     if mnist is not None:
