@@ -27,6 +27,12 @@ def huge_npz(path, shape=(10**6, 10**6)):
         zf.writestr("W1.npy", out.getvalue())
 
 
+def _npy_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
 def cell(*arrays):
     c = np.empty((1, len(arrays)), dtype=object)
     for i, a in enumerate(arrays):
@@ -41,16 +47,20 @@ NPZ_CASES = {
     "huge-header": huge_npz,
     "non-chain": lambda p: np.savez(p, W0=np.ones((3, 4)), W1=np.ones((5, 7))),
     "object-array": lambda p: np.savez(p, W0=np.array([np.ones(2), np.ones(3)], dtype=object)),
-    "single-npy": lambda p: np.save(open(p, "wb"), np.ones(3)),
+    "single-npy": lambda p: p.write_bytes(_npy_bytes(np.ones(3))),
     "strings": lambda p: np.savez(p, W0=np.array([["a", "b"]])),
-    "unknown-activation": lambda p: np.savez(p, W0=np.ones((3, 2)), W1=np.ones((1, 3)), activations=np.array(["swish"])),
+    "unknown-activation": lambda p: np.savez(
+        p, W0=np.ones((3, 2)), W1=np.ones((1, 3)), activations=np.array(["swish"])
+    ),
     "3-d": lambda p: np.savez(p, W0=np.ones((3, 2, 2))),
     "complex": lambda p: np.savez(p, W0=np.ones((3, 2), dtype=complex)),
     "empty-matrix": lambda p: np.savez(p, W0=np.ones((0, 2))),
     "nan": lambda p: np.savez(p, W0=np.full((2, 2), np.nan)),
     "gap": lambda p: np.savez(p, W0=np.ones((2, 2)), W2=np.ones((2, 2))),
     "no-weights": lambda p: np.savez(p, x=np.ones(2)),
-    "bias-mismatch": lambda p: np.savez(p, W0=np.ones((3, 2)), W1=np.ones((1, 3)), b0=np.ones(4), b1=np.ones(1)),
+    "bias-mismatch": lambda p: np.savez(
+        p, W0=np.ones((3, 2)), W1=np.ones((1, 3)), b0=np.ones(4), b1=np.ones(1)
+    ),
 }
 
 MAT_CASES = {

@@ -21,7 +21,9 @@ def net() -> Network:
 @pytest.fixture(scope="module")
 def reference(net):
     """Layer bound solved to optimality, and a true lower bound."""
-    return lipsdp.estimate(net, "layer", solver="clarabel").upper, lower_bound(net, samples=128, steps=20).value
+    return lipsdp.estimate(net, "layer", solver="clarabel").upper, lower_bound(
+        net, samples=128, steps=20
+    ).value
 
 
 @pytest.mark.parametrize("solver", ["clarabel", "scs"])
@@ -75,7 +77,6 @@ def _fake_solve(status: str, raise_error: bool = False):
         self._status = status
         for v in self.variables():
             v.value = None
-        return None
 
     return solve
 

@@ -127,7 +127,7 @@ def test_bounds_above_lower_bound_and_ordered(net):
     check_orderings(b)
 
 
-@budget(30)
+@budget(20)
 @given(net=networks(activations=PIECEWISE_LINEAR, input_dim=1, scale_range=(-2.0, 2.0)))
 def test_bounds_above_exact_constant_1d(net):
     """1-D input piecewise-linear nets: the exact constant from the breakpoints (conftest) is a floor."""
