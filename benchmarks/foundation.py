@@ -1,17 +1,16 @@
 """Foundation benchmark: verified bound, raw (unverified) bound and time of every method on seeded random
 ReLU nets with He-initialised weights.
 
-    python benchmarks/foundation.py [--max-seconds 300] [--probe-seconds 5] [--seed 0]
+    python benchmarks/foundation.py [--max-seconds 300] [--seed 0]
 
 Nets: [10, 20x5, 10], [50, 50x5, 10], [80, 100x5, 10] (input, five hidden layers, output).
 Methods: naive, sequential, layer, neuron (default solver) and neuron with solver='scs'.
 
 An SDP run whose LMI size (input + hidden neurons) exceeds what its solver handles (150 for Clarabel,
-400 for SCS: beyond that the PSD cone's cost explodes in time and memory) is skipped. For runs with the
-default solver (the library's fastest exact path) a probe lifts that limit when it shows the method is
-fast: it bounds a probe net of LMI size 150 within --probe-seconds (a structure-exploiting solver does,
-Clarabel does not). Every SDP run happens in a child process with a memory cap and is stopped after
---max-seconds.
+400 for SCS: beyond that the PSD cone's cost explodes in time and memory) is skipped. Which solver a
+method uses by default is read off a run on a tiny net; a structure-exploiting default (the library's
+own interior-point solver) has no size limit. Every SDP run happens in a child process with a memory
+cap and is stopped after --max-seconds.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ NETS = {
 RUNS = [("naive", None), ("sequential", None), ("layer", None), ("neuron", None), ("neuron", "scs")]
 CHEAP = {"naive", "sequential"}  # no SDP: closed forms and eigenvalues only
 LMI_LIMIT = {"clarabel": 150, "scs": 400}
-PROBE_SIZES = [30] + [30] * 4 + [10]  # LMI size 150
 MEMORY_CAP = 8 * 2**30  # bytes of address space a child may use
 
 
@@ -80,31 +78,19 @@ def run_guarded(net: Network, method: str, solver: str | None, max_seconds: floa
     return out
 
 
-def is_fast(method: str, solver: str | None, probe_seconds: float, seed: int) -> bool:
-    """Whether `method` bounds an LMI of size 150 within probe_seconds (then size limits are lifted)."""
-    out = run_guarded(he_network(PROBE_SIZES, seed + 1000), method, solver, probe_seconds)
-    return out[0] == "ok"
+def default_solver(method: str) -> str:
+    """The solver `method` uses when none is named (e.g. 'clarabel', or the library's own IPM)."""
+    return lipsdp.estimate(he_network([2, 3, 2], 0), method).solver or "?"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-seconds", type=float, default=300.0, help="stop any SDP run after this long")
-    parser.add_argument("--probe-seconds", type=float, default=5.0, help="time allowed to the speed probe")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from lipsdp.solvers import DEFAULT_SOLVER
-
-    fast: dict[tuple[str, str | None], bool] = {}
-    for method, solver in RUNS:
-        if method not in CHEAP and solver is None and (method, solver) not in fast:
-            fast[(method, solver)] = is_fast(method, solver, args.probe_seconds, args.seed)
-    print(
-        "fast (LMI size 150 within {:g} s): {}".format(
-            args.probe_seconds,
-            ", ".join(f"{m}{'/' + s if s else ''}={'yes' if v else 'no'}" for (m, s), v in fast.items()),
-        )
-    )
+    defaults = {m: default_solver(m) for m, solver in RUNS if solver is None and m not in CHEAP}
+    print("default solvers: " + ", ".join(f"{m}={s}" for m, s in defaults.items()))
     header = f"{'network':<15} {'LMI':>4}  {'method':<12} {'verified':>12} {'raw':>12} {'seconds':>9}  note"
     print(header)
     print("-" * len(header))
@@ -120,8 +106,8 @@ def main() -> None:
                 seconds = time.perf_counter() - start
                 print(f"{prefix} {res.upper:>12.5f} {res.raw:>12.5f} {seconds:>9.2f}", flush=True)
                 continue
-            solver_name = solver or DEFAULT_SOLVER
-            if size > LMI_LIMIT.get(solver_name, 150) and not fast.get((method, solver), False):
+            solver_name = solver or defaults[method]
+            if size > LMI_LIMIT.get(solver_name, size):
                 print(f"{prefix} {'-':>12} {'-':>12} {'-':>9}  skipped: too large for {solver_name}", flush=True)
                 continue
             start = time.perf_counter()
