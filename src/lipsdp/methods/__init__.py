@@ -39,6 +39,11 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
         "lipsdp_neuron_dense",
         "LipSDP-Neuron through the direct dense CVXPY formulation (verified; for comparison)",
     ),
+    "anytime": (
+        "lipsdp.methods.anytime",
+        "anytime",
+        "first-order LipSDP-Neuron on CPU/GPU within a time budget (verified at any stopping time)",
+    ),
     "sequential": (
         "lipsdp.methods.sequential",
         "sequential",
