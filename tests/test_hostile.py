@@ -40,7 +40,16 @@ def cell(*arrays):
     return c
 
 
+def bad_header_npz(path):
+    """Found by fuzz/fuzz_loaders.py (seed 1): an unbalanced header made numpy raise tokenize.TokenError."""
+    text = b"{'descr': '<f8', 'fortran_order': False, 'shape': (3, \n"
+    header = np.lib.format.MAGIC_PREFIX + b"\x01\x00" + len(text).to_bytes(2, "little") + text
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("W0.npy", header + b"\0" * 24)
+
+
 NPZ_CASES = {
+    "bad-header-tokens": bad_header_npz,
     "empty": lambda p: p.write_bytes(b""),
     "truncated": lambda p: p.write_bytes((EXAMPLES / "relu_2-10-30-20-2.npz").read_bytes()[:700]),
     "text": lambda p: p.write_text("hello, not a zip"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def _check_npz_headers(path: Path) -> None:
                         f"{path}: array {info.filename[:-4]} claims shape {tuple(shape)} ({n:.3g} elements), beyond "
                         f"the {MAX_ARRAY_ELEMENTS:.3g} lipsdp accepts; the file is corrupt or not a weight file"
                     )
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError) as exc:
+    except (
+        zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError, NotImplementedError, SyntaxError,
+        tokenize.TokenError,  # numpy tokenizes the header text; a corrupt header can raise this
+    ) as exc:
         raise ModelLoadError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
