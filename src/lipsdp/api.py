@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ from lipsdp.errors import LipSDPError
 from lipsdp.io import load_network
 from lipsdp.methods import MethodOutput, get_method
 from lipsdp.network import Network
-from lipsdp.parallel import run_all
+from lipsdp.parallel import dask_executor, run_all
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def estimate(
     lower_steps: int = 100,
     pair: tuple[int, int] | None = None,
     region: Any = None,
+    dask: str | None = None,
     **options: Any,
 ) -> Result:
     """Certified upper bound on the l2 Lipschitz constant of `model` (and optionally a lower bound).
@@ -92,6 +95,7 @@ def estimate(
     solver   'clarabel' (default), 'scs' or 'mosek' for the SDP methods
     split    cut the chain into pieces of `split` weight matrices, bound each, multiply (looser, parallel)
     workers  processes for independent pieces; `executor` overrides with any concurrent.futures.Executor
+    dask     address of an existing Dask scheduler ('tcp://host:8786') to run the pieces on
     lower    also search for a lower bound (largest Jacobian norm), seeded by `seed`
     pair     (i, j): bound f_i - f_j instead of the whole output (for certified robustness)
     region   `lipsdp.Box(low, high)` or `lipsdp.Ball(center, eps)`: a bound valid for inputs in the region
@@ -102,6 +106,8 @@ def estimate(
     get_method(method)  # fail fast on unknown names
     if not isinstance(workers, int) or workers < 1:
         raise LipSDPError(f"workers must be a positive integer, got {workers!r}")
+    if dask is not None and executor is None:
+        executor = dask_executor(dask)
     loader_opts = {k: options.pop(k) for k in ("input_shape",) if k in options}
     net = load_network(model, **loader_opts)
     method_opts = dict(options, solver=solver, seed=seed)
@@ -109,10 +115,9 @@ def estimate(
     if region is not None:
         from lipsdp.region import localize
 
-        region = region.with_dim(net.sizes[0])
         local = localize(net, region)
-        net = local.network
-        notes.append(local.note(region))
+        net, region = local.network, local.region
+        notes.append(local.note())
     if pair is not None:
         from lipsdp.robustness import pair_network
 
@@ -167,3 +172,33 @@ def estimate(
         multipliers=out.multipliers,
         lower_point=lower_point,
     )
+
+
+def _estimate_task(model: Any, method: str, kwargs: dict[str, Any]) -> Result:
+    """Module-level task: one whole model (for runs over many models); errors name the model."""
+    try:
+        return estimate(model, method, **kwargs)
+    except LipSDPError as exc:
+        label = model if isinstance(model, (str, Path)) else type(model).__name__
+        raise type(exc)(f"{label}: {exc}") from None
+
+
+def estimate_many(
+    models: list[Any],
+    method: str = "neuron",
+    *,
+    workers: int = 1,
+    executor: Executor | None = None,
+    dask: str | None = None,
+    on_done: Callable[[int, Result], None] | None = None,
+    **kwargs: Any,
+) -> list[Result]:
+    """`estimate` for several models, in parallel over models (local processes, an executor, or Dask).
+
+    Results come back in the order of `models` whichever executor ran them; `on_done(index, result)` is
+    called as each finishes (progress, incremental output)."""
+    get_method(method)
+    if dask is not None and executor is None:
+        executor = dask_executor(dask)
+    items = [(m, method, dict(kwargs, workers=1)) for m in models]
+    return run_all(_estimate_task, items, workers=workers, executor=executor, on_done=on_done)

@@ -7,7 +7,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -47,8 +47,8 @@ def result_table(rows: list[tuple[str, object]], title: str | None = None) -> Ta
 def estimate(
     paths: Annotated[list[Path], typer.Argument(help="model files (.npz, .mat, .onnx)")],
     method: Annotated[str, typer.Option("--method", "-m", help="bounding method (see `lipsdp methods`)")] = "neuron",
-    solver: Annotated[Optional[str], typer.Option(help="SDP solver: clarabel, scs, mosek")] = None,
-    split: Annotated[Optional[int], typer.Option(help="split into pieces of K weight matrices")] = None,
+    solver: Annotated[str | None, typer.Option(help="SDP solver: clarabel, scs, mosek")] = None,
+    split: Annotated[int | None, typer.Option(help="split into pieces of K weight matrices")] = None,
     workers: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
     lower: Annotated[bool, typer.Option("--lower", help="also compute a lower bound")] = False,
     seed: Annotated[int, typer.Option(help="random seed for the lower bound")] = 0,
@@ -68,32 +68,46 @@ def estimate(
     out: Annotated[
         Path | None, typer.Option("--out", help="append one JSON line per model to FILE as each finishes")
     ] = None,
+    budget: Annotated[float | None, typer.Option(help="time budget in seconds (method anytime)")] = None,
+    dask: Annotated[str | None, typer.Option(help="address of a Dask scheduler to run on")] = None,
 ) -> None:
-    """Bound the Lipschitz constant of one or more models."""
+    """Bound the Lipschitz constant of one or more models (in parallel over models with --workers)."""
+    from rich.progress import Progress
+
     from lipsdp.api import estimate as run_estimate
+    from lipsdp.api import estimate_many
 
     region = _region_option(box, ball)
-
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    results = []
+    options = {"budget": budget} if budget is not None else {}
+    done: dict[int, object] = {}
+    show_progress = len(paths) > 1 and not as_json and console.is_terminal
+
+    def finished(index: int, res) -> None:
+        done[index] = res
+        if out is not None:  # written as each model finishes, so an interrupted run keeps its results
+            with open(out, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(dict(res.to_dict(), model=str(paths[index]))) + "\n")
+        if show_progress:
+            progress.advance(task)
+
     try:
-        for path in paths:
-            try:
-                res = run_estimate(
-                    path, method, solver=solver, split=split, workers=workers, lower=lower, seed=seed,
-                    region=region, pair=pair,
-                )
-            except LipSDPError as exc:
-                _fail(f"{path}: {exc}")
-            results.append((str(path), res))
-            if out is not None:  # written as each model finishes, so an interrupted run keeps its results
-                with open(out, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(dict(res.to_dict(), model=str(path))) + "\n")
+        with Progress(console=err_console, disable=not show_progress, transient=True) as progress:
+            task = progress.add_task(f"{method} on {len(paths)} models", total=len(paths))
+            common = dict(solver=solver, split=split, lower=lower, seed=seed, region=region, pair=pair, **options)
+            if len(paths) == 1:  # one model: workers / dask go to its split pieces
+                ran = [run_estimate(paths[0], method, workers=workers, dask=dask, **common)]
+                finished(0, ran[0])
+            else:
+                ran = estimate_many(list(paths), method, workers=workers, dask=dask, on_done=finished, **common)
+        results = [(str(p), r) for p, r in zip(paths, ran)]
+    except LipSDPError as exc:
+        _fail(str(exc))
     except KeyboardInterrupt:
-        kept = f"; their results are in {out}" if out is not None and results else ""
+        kept = f"; their results are in {out}" if out is not None and done else ""
         err_console.print(
-            f"interrupted after {len(results)} of {len(paths)} models{kept}", highlight=False, soft_wrap=True
+            f"interrupted after {len(done)} of {len(paths)} models{kept}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(130) from None
     if as_json:
@@ -196,6 +210,50 @@ def certify(
         f"{cert.seconds:.2f} s",
         highlight=False,
     )
+
+
+@app.command()
+def compare(
+    path: Annotated[Path, typer.Argument(help="model file (.npz, .mat, .onnx)")],
+    methods: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="tiers to run (repeatable)")
+    ] = None,
+    budget: Annotated[float, typer.Option(help="time budget of the anytime tier, seconds")] = 30.0,
+    seed: Annotated[int, typer.Option(help="random seed for the lower bound")] = 0,
+    plot: Annotated[Path | None, typer.Option("--plot", help="save a bar chart to this PNG file")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Run the bounding tiers on one model: verified upper, lower, ratio, seconds, peak memory."""
+    from lipsdp.compare import DEFAULT_TIERS, plot_comparison
+    from lipsdp.compare import compare as run_compare
+
+    tiers = tuple(methods) if methods else DEFAULT_TIERS
+    try:
+        with console.status("bounding...") as status:
+            rows, lower_value = run_compare(
+                path, tiers, budget=budget, seed=seed,
+                on_done=lambda row: status.update(f"{row.result.method} done; running the next tier..."),
+            )
+    except LipSDPError as exc:
+        _fail(f"{path}: {exc}")
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        ax = plot_comparison(rows, lower_value)
+        ax.figure.tight_layout()
+        ax.figure.savefig(plot, dpi=120)
+    if as_json:
+        print(json.dumps([dict(r.result.to_dict(), peak_mib=r.peak_bytes / 2**20) for r in rows], indent=2))
+        return
+    table = Table(title=f"{path} (lower bound {_fmt(lower_value)})")
+    for col in ("method", "upper (verified)", "lower", "upper/lower", "seconds", "peak MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        res = r.result
+        table.add_row(res.method, _fmt(res.upper), _fmt(res.lower), _fmt(res.ratio, 4), f"{res.seconds:.2f}",
+                      f"{r.peak_bytes / 2**20:.1f}")
+    console.print(table)
 
 
 @app.command()

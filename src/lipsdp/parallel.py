@@ -8,8 +8,8 @@ back in submission order, whichever executor ran them. An executor passed in is 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from typing import Any
 
 
@@ -69,22 +69,37 @@ def run_all(
     own = executor is None
     if own:
         executor = ProcessPoolExecutor(max_workers=min(workers, len(items)), initializer=_pin_threads)
+    futures: dict = {}
     try:
-        futures = [executor.submit(func, *args) for args in items]
+        futures = {executor.submit(_call_pinned, func, args): i for i, args in enumerate(items)}
         results: list[Any] = [None] * len(items)
-        pending = dict(enumerate(futures))
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        index_of = {id(f): i for i, f in pending.items()}
-        remaining: Iterable = list(futures)
-        while remaining:
-            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for fut in done:
-                i = index_of[id(fut)]
-                results[i] = fut.result()
-                if on_done:
-                    on_done(i, results[i])
+        for fut in as_completed(futures):
+            i = futures[fut]
+            results[i] = fut.result()
+            if on_done:
+                on_done(i, results[i])
         return results
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
     finally:
         if own:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _call_pinned(func: Callable[..., Any], args: tuple) -> Any:
+    """Run one task with one solver / BLAS thread, so N workers use N cores (Dask workers included)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return func(*args)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return func(*args)
+    finally:
+        torch.set_num_threads(threads)
