@@ -91,6 +91,15 @@ def test_slope_range_brackets_the_derivative(act, param):
         assert q.min() <= a + 0.05 and q.max() >= b - 0.05  # tight up to the grid spacing
 
 
+def test_local_network_drops_constant_neurons_and_agrees_on_the_region():
+    net = he_network([2, 12, 12, 2], seed=5, bias_scale=1.0)
+    region = Ball([-0.5, 0.5], 0.05)
+    local = localize(net, region)
+    assert local.removed > 0 and local.network.n_neurons == net.n_neurons - local.removed
+    pts = region.sample(500, RNG)
+    np.testing.assert_allclose(local.network.forward(pts), net.forward(pts), rtol=1e-12, atol=1e-12)
+
+
 # -- local bounds ---------------------------------------------------------------------------------------
 
 
@@ -164,6 +173,8 @@ def test_region_dimension_mismatch():
     net = he_network([2, 4, 2], seed=0)
     with pytest.raises(LipSDPError, match="3 entries"):
         lipsdp.estimate(net, "naive", region=Ball([0.0, 0.0, 0.0], 1.0))
+    with pytest.raises(LipSDPError, match="Box or lipsdp.Ball"):
+        lipsdp.estimate(net, "naive", region=(0.0, 1.0))
 
 
 def test_cli_box_ball_pair(tmp_path):

@@ -166,9 +166,21 @@ def _outward(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo - pad * np.abs(lo) - _TINY, hi + pad * np.abs(hi) + _TINY
 
 
+def as_region(region: Region, n: int) -> Region:
+    """Check that `region` is a usable input set for an n-input network and broadcast it to n inputs."""
+    needed = ("with_dim", "sample", "project", "first_layer_range", "describe")
+    missing = [m for m in needed if not callable(getattr(region, m, None))]
+    if missing:
+        raise LipSDPError(
+            f"region must be a lipsdp.Box or lipsdp.Ball (an object of type {type(region).__name__} lacks "
+            f"{', '.join(missing)})"
+        )
+    return region.with_dim(n)
+
+
 def pre_activation_bounds(net: Network, region: Region) -> list[tuple[np.ndarray, np.ndarray]]:
     """IBP ranges [l_k, u_k] of the pre-activations of each hidden layer over the region (outward-rounded)."""
-    region = region.with_dim(net.sizes[0])
+    region = as_region(region, net.sizes[0])
     bounds = []
     lo, hi = region.first_layer_range(net.weights[0], net.biases[0])
     for k in range(net.depth):
@@ -225,21 +237,27 @@ class LocalNetwork:
     """The network with slopes valid on the region, and how many neurons became linear there."""
 
     network: Network
+    region: Region
     bounds: list[tuple[np.ndarray, np.ndarray]]
     fixed: int
     tightened: int
     total: int
+    removed: int = 0
 
-    def note(self, region: Region) -> str:
+    def note(self) -> str:
         return (
-            f"region: {region.describe()}; interval bounds tighten the slopes of {self.tightened} of "
-            f"{self.total} hidden neurons ({self.fixed} become linear); the bound holds for inputs in the "
-            "region only"
+            f"region: {self.region.describe()}; interval bounds tighten the slopes of {self.tightened} of "
+            f"{self.total} hidden neurons ({self.fixed} become linear, {self.removed} of them constant and "
+            "removed); the bound holds for inputs in the region only"
         )
 
 
 def localize(net: Network, region: Region) -> LocalNetwork:
-    """`net` with per-neuron slope bounds valid for inputs in `region` (intersected with the current ones)."""
+    """`net` with per-neuron slope bounds valid for inputs in `region` (intersected with the current ones).
+
+    The returned network equals `net` on the region (constant neurons are removed), not necessarily outside.
+    """
+    region = as_region(region, net.sizes[0])
     bounds = pre_activation_bounds(net, region)
     alphas, betas = [], []
     fixed = tightened = 0
@@ -256,4 +274,32 @@ def localize(net: Network, region: Region) -> LocalNetwork:
         tightened += int(np.sum((a > net.alphas[k]) | (b < net.betas[k])))
         alphas.append(a)
         betas.append(b)
-    return LocalNetwork(net.with_slopes(alphas, betas), bounds, fixed, tightened, net.n_neurons)
+    local, removed = _drop_constant_neurons(net.with_slopes(alphas, betas), bounds)
+    return LocalNetwork(local, region, bounds, fixed, tightened, net.n_neurons, removed)
+
+
+def _drop_constant_neurons(net: Network, bounds: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Network, int]:
+    """Remove neurons with slope exactly 0 on the region (e.g. ReLUs that are always off): their output is a
+    constant there, folded into the next bias. Exact on the region, and it shrinks the LMI. A layer keeps at
+    least one neuron (with its outgoing weights zeroed if all are constant)."""
+    from dataclasses import replace
+
+    ws, bs = list(net.weights), list(net.biases)
+    als, bes = list(net.alphas), list(net.betas)
+    removed = 0
+    for k in range(net.depth):
+        const = (als[k] == 0) & (bes[k] == 0)
+        if not const.any():
+            continue
+        value = apply_activation(net.activations[k], bounds[k][0])  # phi is constant on [l, u]
+        bs[k + 1] = bs[k + 1] + ws[k + 1][:, const] @ value[const]
+        keep = ~const
+        if not keep.any():
+            keep[0] = True
+            ws[k + 1] = ws[k + 1].copy()
+            ws[k + 1][:, 0] = 0.0
+        removed += int(np.sum(~keep))
+        ws[k], bs[k], als[k], bes[k] = ws[k][keep], bs[k][keep], als[k][keep], bes[k][keep]
+        ws[k + 1] = ws[k + 1][:, keep]
+    local = replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(als), betas=tuple(bes))
+    return local, removed
