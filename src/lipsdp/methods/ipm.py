@@ -135,6 +135,46 @@ class _Structure:
         return 0.5 * (h + h.T)
 
 
+@dataclass
+class _Iterate:
+    """The quantities of one interior-point iteration that the predictor and corrector share."""
+
+    st: _Structure
+    x_mat: np.ndarray
+    x_lin: np.ndarray
+    z_lin: np.ndarray
+    z_inv: np.ndarray
+    ziu: np.ndarray
+    chol_h: tuple
+    r_p: np.ndarray
+    a_x: np.ndarray
+    a_zinv: np.ndarray
+    mu: float
+
+    def direction(self, sigma: float, corr_x=None, corr_z=None, corr_lin=None):
+        """HKM Newton direction towards sigma * mu (Mehrotra's second-order term when corr_* given).
+
+        With zero dual residual: A(dX) = r_p, dZ = -A'(dy), dX = sigma mu Z^-1 - X - X dZ Z^-1 [- corr]."""
+        st, mu = self.st, self.mu
+        rhs = self.r_p - (sigma * mu * self.a_zinv - self.a_x)
+        lin_part = sigma * mu / self.z_lin - self.x_lin
+        if corr_x is not None:
+            rhs = rhs + st.a_bilinear(st.times_u(corr_x), np.asarray(corr_z @ self.ziu))
+            lin_part = lin_part - corr_lin
+        rhs[1:] += lin_part  # A_lin(x) = -x on the multiplier rows
+        dy = sla.cho_solve(self.chol_h, rhs, check_finite=False)
+        dz = -st.a_adjoint(dy, dense=False)
+        dz_lin = dy[1:]
+        dx = sigma * mu * self.z_inv - self.x_mat - np.asarray((dz.T @ self.x_mat).T) @ self.z_inv
+        if corr_x is not None:
+            dx = dx - np.asarray((corr_z.T @ corr_x).T) @ self.z_inv
+        dx = 0.5 * (dx + dx.T)
+        dx_lin = sigma * mu / self.z_lin - self.x_lin - self.x_lin * dz_lin / self.z_lin
+        if corr_lin is not None:
+            dx_lin = dx_lin - corr_lin
+        return dx, dx_lin, dy, dz, dz_lin
+
+
 def _is_pd(a: np.ndarray) -> bool:
     try:
         np.linalg.cholesky(a)
@@ -203,8 +243,6 @@ def _solve_balanced(
 ) -> IPMResult:
     st = _Structure(net, per_neuron)
     n, m, nl = st.n, st.m, st.n_lin
-    u = st.u
-    norm_c = float(np.linalg.norm(st.c))
     # Dual-feasible start from the layer-by-layer multipliers: Z = C - A'(y) stays exactly equal to
     # F(rho, t) at every iterate (recomputed, never updated), so every iterate is a valid certificate.
     t0 = sequential_multipliers(net)
@@ -227,6 +265,7 @@ def _solve_balanced(
     n_total = n + nl
     status = "max_iterations"
     gap = np.inf
+    history: list[float] = []
     it = 0
     for it in range(1, max_iter + 1):
         xu = st.times_u(x_mat)
@@ -239,18 +278,20 @@ def _solve_balanced(
         # residuals
         a_x = st.a_bilinear(None, xu)  # A(X)
         r_p = st.b - a_x.copy()
-        r_p[1:] -= -x_lin  # A_lin(x) = -x on the multiplier rows
+        r_p[1:] += x_lin  # A_lin(x) = -x on the multiplier rows
         # Z is recomputed from y at every step, so the dual residual is zero up to rounding.
-        r_d_lin = np.zeros(nl)
         mu = (float(np.sum(x_mat * z_mat)) + float(x_lin @ z_lin)) / n_total
         pobj = float(np.sum(st.c * x_mat))
         dobj = float(st.b @ y)
         gap = abs(pobj - dobj) / (1.0 + abs(pobj) + abs(dobj))
         p_inf = np.linalg.norm(r_p) / (1.0 + np.linalg.norm(st.b))
-        d_inf = 0.0
-        log.debug("ipm it %d: rho=%.10g gap=%.2e pinf=%.2e dinf=%.2e", it, y[0], gap, p_inf, d_inf)
-        if gap < tol and p_inf < tol and d_inf < tol:
+        log.debug("ipm it %d: rho=%.10g gap=%.2e pinf=%.2e", it, y[0], gap, p_inf)
+        if gap < tol and p_inf < tol:
             status = "optimal"
+            break
+        history.append(float(y[0]))
+        if len(history) > 15 and history[-16] - history[-1] <= tol * abs(history[-1]):
+            status = "stalled"  # rho (a valid bound at every iterate) no longer moves
             break
         if time_limit is not None and time.perf_counter() - start > time_limit:
             status = "time_limit"
@@ -266,31 +307,8 @@ def _solve_balanced(
             except np.linalg.LinAlgError:
                 status = "numerical_error"
                 break
-        # terms shared by predictor and corrector
-        a_x_term = a_x
-        a_zinv = st.a_bilinear(None, ziu)
-
-        def direction(sigma: float, corr_x=None, corr_z=None, corr_lin=None):
-            # rhs = r_p - A(sigma mu Z^-1 - X - X R_d Z^-1 - corr) - A_lin(sigma mu / z - x - x r / z - corr_lin)
-            rhs = r_p - (sigma * mu * a_zinv - a_x_term)
-            lin_part = sigma * mu / z_lin - x_lin - x_lin * r_d_lin / z_lin
-            if corr_x is not None:
-                rhs = rhs + st.a_bilinear(st.times_u(corr_x), np.asarray(corr_z @ ziu))
-                lin_part = lin_part - corr_lin
-            rhs[1:] -= -lin_part
-            dy = sla.cho_solve(chol_h, rhs, check_finite=False)
-            dz = -st.a_adjoint(dy, dense=False)
-            dz_lin = r_d_lin + dy[1:]
-            dx = sigma * mu * z_inv - x_mat - np.asarray((dz.T @ x_mat).T) @ z_inv
-            if corr_x is not None:
-                dx = dx - np.asarray((corr_z.T @ corr_x).T) @ z_inv
-            dx = 0.5 * (dx + dx.T)
-            dx_lin = sigma * mu / z_lin - x_lin - x_lin * dz_lin / z_lin
-            if corr_lin is not None:
-                dx_lin = dx_lin - corr_lin
-            return dx, dx_lin, dy, dz, dz_lin
-
-        dx, dx_lin, dy, dz, dz_lin = direction(0.0)
+        it_data = _Iterate(st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu)
+        dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
         ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
         ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
         mu_aff = (
@@ -298,7 +316,7 @@ def _solve_balanced(
             + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
         ) / n_total
         sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
-        dx, dx_lin, dy, dz, dz_lin = direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
+        dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
         gamma = 0.9 + 0.09 * min(ap, ad)
         ap = min(1.0, gamma * _max_step(lx, dx), gamma * _max_step_lin(x_lin, dx_lin))
         ad = min(1.0, gamma * _max_step(lz, dz), gamma * _max_step_lin(z_lin, dz_lin))
