@@ -677,13 +677,26 @@ def run(
 ) -> ReproduceResult:
     """Run the three experiments, write `out`/REPORT.md, results.json and figures/*.png; copy the figures to
     `figures_to` if given. `config` overrides the preset chosen by `quick` / `mnist`."""
+    cfg = config or default_config(quick, mnist)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return _run(Path(out), cfg, mnist, figures_to, progress)
+    # one BLAS thread: the matrices are small, so threads only add overhead (badly so on a busy machine),
+    # and single-threaded reductions keep the numbers reproducible
+    with threadpool_limits(limits=1):
+        return _run(Path(out), cfg, mnist, figures_to, progress)
+
+
+def _run(
+    out: Path, cfg: ReproduceConfig, mnist: str | Path | None, figures_to: str | Path | None,
+    progress: Progress | None,
+) -> ReproduceResult:
     import torch
 
     from lipsdp import __version__
 
     start = time.perf_counter()
-    cfg = config or default_config(quick, mnist)
-    out = Path(out)
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     data: dict[str, Any] = {
