@@ -42,10 +42,16 @@ def _run(sizes, method, options, queue) -> None:
 
     net = random_net(sizes)
     start = time.perf_counter()
-    res = lipsdp.estimate(net, method, **options)
+    try:
+        res = lipsdp.estimate(net, method, **options)
+    except lipsdp.LipSDPError as exc:
+        queue.put(("error", str(exc)[:60]))
+        return
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     queue.put((res.upper, seconds, peak, res.status))
+    queue.close()
+    queue.join_thread()
 
 
 def run(sizes, method, options, timeout):
@@ -53,12 +59,14 @@ def run(sizes, method, options, timeout):
     queue = ctx.Queue()
     proc = ctx.Process(target=_run, args=(sizes, method, options, queue))
     proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:  # noqa: BLE001 - queue.Empty: the run did not finish in time (or died)
         return None
-    return queue.get() if not queue.empty() else None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
 
 
 def label(sizes):
@@ -81,9 +89,10 @@ def main() -> None:
     print("-" * len(header))
     for sizes in nets:
         size = sum(sizes[:-1])
-        runs = [("neuron-dense (scs)", "neuron-dense", {"solver": "scs"}, args.dense_timeout)]
+        dense = {"max_lmi_size": 10**6}  # lift the library's refusal: the point here is to time it
+        runs = [("neuron-dense (scs)", "neuron-dense", dict(dense, solver="scs"), args.dense_timeout)]
         if size <= 150:
-            runs.append(("neuron-dense (clarabel)", "neuron-dense", {"solver": "clarabel"}, args.dense_timeout))
+            runs.append(("neuron-dense (clarabel)", "neuron-dense", dict(dense, solver="clarabel"), args.dense_timeout))
         runs += [
             ("neuron", "neuron", {"time_limit": args.timeout * 0.9}, args.timeout),
             ("anytime", "anytime", {"budget": args.budget}, args.timeout),
@@ -95,6 +104,9 @@ def main() -> None:
             out = run(sizes, method, options, limit)
             if out is None:
                 print(f"{label(sizes):<24}{name:<22}{'-':>14}{'>' + format(limit, '.0f'):>10}{'-':>10}{'-':>10}  timeout")
+                continue
+            if out[0] == "error":
+                print(f"{label(sizes):<24}{name:<22}{'-':>14}{'-':>10}{'-':>10}{'-':>10}  error: {out[1]}")
                 continue
             upper, seconds, peak, status = out
             if name == "neuron-dense (scs)":

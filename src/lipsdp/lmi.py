@@ -175,6 +175,16 @@ class Balancing:
 
     @classmethod
     def of(cls, net: Network) -> Balancing:
+        """Power-of-two factors giving every layer norm ~1; the identity if scaling would not be exact."""
+        bal = cls._choose(net)
+        for k, w in enumerate(net.weights):
+            factor = bal.d[k] / bal.d[k + 1]
+            if not (np.isfinite(factor) and factor > 0 and np.array_equal((w * factor) / factor, w)):
+                return cls(np.ones(len(net.weights) + 1))  # some entry would under/overflow: keep as is
+        return bal
+
+    @classmethod
+    def _choose(cls, net: Network) -> Balancing:
         exps = []
         for w in net.weights:
             norm = float(np.linalg.norm(w, 2)) if min(w.shape) <= 512 else float(np.linalg.norm(w))
