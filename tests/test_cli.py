@@ -84,7 +84,7 @@ def test_corrupt_file(tmp_path):
 
 
 def test_unknown_suffix(tmp_path):
-    path = tmp_path / "model.pt"
+    path = tmp_path / "model.h5"
     path.write_bytes(b"x")
     assert_clean_error(invoke("estimate", str(path)), ".onnx")
 
