@@ -117,7 +117,7 @@ def default_config(quick: bool = False, mnist: str | Path | None = None) -> Repr
             ClassifierConfig("iris", (16, 16), epochs=200, eps=(0.1, 0.2, 0.3),
                              radii=tuple(np.round(np.linspace(0, 0.8, 9), 3)), local_points=20),
             ClassifierConfig("digits", (16, 16), epochs=30, eps=(0.02, 0.05, 0.1),
-                             radii=tuple(np.round(np.linspace(0, 1.2, 9), 3)), robust_points=60,
+                             radii=tuple(np.round(np.linspace(0, 0.8, 9), 3)), robust_points=60,
                              local_points=10),
         ]
         cfg = ReproduceConfig(methods=methods, workers=min(2, os.cpu_count() or 1))
