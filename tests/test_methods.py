@@ -73,19 +73,14 @@ def test_absolute_value_is_tight_where_naive_is_not(method):
     assert 1.0 <= upper <= 1.0 + REL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lmi.sequential_multipliers: when the last weight row is orthogonal to the range of "
-    "diag(a+b) W0 (here |x| and the hat function), the chosen T makes the hidden block 2T - W'W exactly "
-    "singular, so certify cannot prove it and certify_or_repair raises VerificationError instead of "
-    "returning a bound (naive would give 2 and 4.24)",
-)
 @pytest.mark.parametrize(
     "w0,w1,truth",
     [([[1.0], [-1.0]], [[1.0, 1.0]], 1.0), ([[1.0], [1.0], [1.0]], [[1.0, -2.0, 1.0]], 2.0)],
     ids=["abs", "hat"],
 )
 def test_sequential_on_degenerate_one_input_nets(w0, w1, truth):
+    """Regression: the last layer orthogonal to part of the hidden range once made the hidden block of the
+    layer-by-layer multipliers exactly singular (no certificate)."""
     net = Network.from_arrays([np.array(w0), np.array(w1)])
     upper = lipsdp.estimate(net, "sequential").upper
     assert truth <= upper <= lipsdp.estimate(net, "naive").upper * (1 + REL)
@@ -123,7 +118,7 @@ def test_hat_function_bound_holds_for_every_bias():
     assert exact_lipschitz_1d(ramp) == pytest.approx(2.0, rel=1e-12)
     xs = np.array([[0.5], [1.5], [2.5]])
     np.testing.assert_allclose(hat.forward(xs).ravel(), [0.5, 0.5, 0.0])
-    for method in ("naive", "layer", "neuron"):  # sequential: see the xfail above
+    for method in ("naive", "sequential", "layer", "neuron"):
         assert lipsdp.estimate(hat, method).upper >= 2.0
 
 

@@ -140,7 +140,9 @@ def sequential_multipliers(net: Network) -> np.ndarray:
     chol = sla.cho_factor(x, lower=True, check_finite=False)
     final = w @ sla.cho_solve(chol, w.T, check_finite=False)
     rho = float(sla.eigvalsh(0.5 * (final + final.T), subset_by_index=[final.shape[0] - 1] * 2)[0])
-    rho = max(rho, 1e-300)
+    # A slightly larger rho keeps the hidden block strictly definite (it is singular at rho exactly when the
+    # last layer is orthogonal to some direction, e.g. |x| = relu(x) + relu(-x)); certify recomputes rho.
+    rho = max(rho, 1e-300) * (1.0 + 1e-6)
     return rho * np.concatenate(taus) if taus else np.zeros(0)
 
 
