@@ -72,7 +72,12 @@ class _Structure:
             cols += [uw, ue]
             iw = start + np.arange(nk)
             ie = start + nk + np.arange(nk)
-            for r, c, v in ((iw, iw, 2 * a * b), (iw, ie, -(a + b)), (ie, iw, -(a + b)), (ie, ie, 2.0 * np.ones(nk))):
+            for r, c, v in (
+                (iw, iw, 2 * a * b),
+                (iw, ie, -(a + b)),
+                (ie, iw, -(a + b)),
+                (ie, ie, 2.0 * np.ones(nk)),
+            ):
                 keep = v != 0
                 rows_g += list(r[keep])
                 cols_g += list(c[keep])
@@ -86,6 +91,22 @@ class _Structure:
             neuron += nk
         self.u = sp.hstack(cols).tocsc()
         self.ut = self.u.T.tocsr()
+        # the same U as dense blocks, for BLAS products: (block of rows, W, column slice) per layer
+        self.blocks = []
+        col = n0
+        for k in range(net.depth):
+            nk = net.weights[k].shape[0]
+            self.blocks.append(
+                (
+                    slice(offs[k], offs[k + 1]),
+                    net.weights[k],
+                    slice(col, col + nk),
+                    slice(offs[k + 1], offs[k + 2]),
+                    slice(col + nk, col + 2 * nk),
+                )
+            )
+            col += 2 * nk
+        self.n0 = n0
         self.k = self.u.shape[1]
         self.m = 1 + (p if per_neuron else net.depth)
         self.g_rows = np.asarray(rows_g, dtype=int)
@@ -109,8 +130,22 @@ class _Structure:
         self.layer_sizes = net.hidden_sizes
 
     def times_u(self, m: np.ndarray) -> np.ndarray:
-        """M U for a dense symmetric M (sparse product: cost n * nnz(U))."""
-        return np.asarray((self.ut @ m).T)
+        """M U for a dense M, by dense blocks (BLAS): U = [I_0 | per layer: W_{k-1}' rows, unit columns]."""
+        out = np.empty((m.shape[0], self.k))
+        out[:, : self.n0] = m[:, : self.n0]
+        for rows_prev, w, cols_w, rows_k, cols_e in self.blocks:
+            out[:, cols_w] = m[:, rows_prev] @ w.T
+            out[:, cols_e] = m[:, rows_k]
+        return out
+
+    def ut_times(self, y: np.ndarray) -> np.ndarray:
+        """U' Y for a dense Y, by dense blocks (BLAS)."""
+        out = np.empty((self.k, y.shape[1]))
+        out[: self.n0] = y[: self.n0]
+        for rows_prev, w, cols_w, rows_k, cols_e in self.blocks:
+            out[cols_w] = w @ y[rows_prev]
+            out[cols_e] = y[rows_k]
+        return out
 
     # A(M)_i = <A_i, M> for M = M1 M2, given Y1 = M1' U (or None for M1 = I) and Y2 = M2 U.
     def a_bilinear(self, y1: np.ndarray | None, y2: np.ndarray) -> np.ndarray:
@@ -122,14 +157,16 @@ class _Structure:
 
     def a_adjoint(self, y: np.ndarray, dense: bool = True):
         """sum_i y_i A_i = -U G_y U' (block-tridiagonal; sparse products)."""
-        gy = sp.csr_matrix((self.g_vals * y[self.var[self.g_rows]], (self.g_rows, self.g_cols)), shape=(self.k, self.k))
+        gy = sp.csr_matrix(
+            (self.g_vals * y[self.var[self.g_rows]], (self.g_rows, self.g_cols)), shape=(self.k, self.k)
+        )
         out = -(self.u @ (gy @ self.ut))
         out = 0.5 * (out + out.T)
         return out.toarray() if dense else out.tocsr()
 
     def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
-        p_mat = np.asarray(self.ut @ xu)
-        q_mat = np.asarray(self.ut @ ziu)
+        p_mat = self.ut_times(xu)
+        q_mat = self.ut_times(ziu)
         pg = np.asarray(self.g @ np.asarray(self.g @ p_mat).T).T  # G P G (G symmetric)
         h = np.asarray(self.s.T @ np.asarray(self.s.T @ (pg * q_mat)).T).T
         return 0.5 * (h + h.T)
@@ -307,7 +344,9 @@ def _solve_balanced(
             except np.linalg.LinAlgError:
                 status = "numerical_error"
                 break
-        it_data = _Iterate(st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu)
+        it_data = _Iterate(
+            st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
+        )
         dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
         ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
         ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
