@@ -33,7 +33,7 @@ def style(name: str) -> dict[str, Any]:
     return dict(_STYLE.get(key, {"marker": "."}))
 
 
-def _plain_log_labels(axis: Any) -> None:
+def plain_log_labels(axis: Any) -> None:
     """Label a log axis with plain numbers (10, 20, 50) instead of powers, minor ticks too when the range is
     under two decades, so that a narrow range still shows readable values."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -68,10 +68,10 @@ def plot_series(
         ax.plot(x, y, label=name, **style(name))
     if logx:
         ax.set_xscale("log")
-        _plain_log_labels(ax.xaxis)
+        plain_log_labels(ax.xaxis)
     if logy:
         ax.set_yscale("log")
-        _plain_log_labels(ax.yaxis)
+        plain_log_labels(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:

@@ -494,6 +494,7 @@ def _draw_figures(out: Path, data: dict[str, Any], models: dict[str, list[Traine
                     k: v for k, v in plot.style(m).items() if k != "linestyle"})
             ax.set_xscale("log")
             ax.set_yscale("log")
+            plot.plain_log_labels(ax.xaxis)
             ax.set_xlabel("LMI size (inputs + hidden neurons)")
             ax.set_ylabel("seconds")
             ax.set_title("Computation time, random networks")
