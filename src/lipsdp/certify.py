@@ -156,15 +156,18 @@ def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, 
         cert = certify(net, t)
         if cert is not None:
             return cert, ""
-    anchor = sequential_multipliers(net)
-    if t is not None and np.all(np.isfinite(t)):
+    try:
+        anchor = sequential_multipliers(net)
+    except (np.linalg.LinAlgError, ValueError):
+        anchor = None
+    if anchor is not None and t is not None and np.all(np.isfinite(t)):
         t = np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
         theta = _best_mixing(net, t, anchor)
         if theta is not None:
             cert = certify(net, (1.0 - theta) * t + theta * anchor)
             if cert is not None:
                 return cert, f"solver multipliers repaired by mixing {theta:.2g} of the layer-by-layer ones"
-    cert = certify(net, anchor)
+    cert = certify(net, anchor) if anchor is not None else None
     if cert is None:
         from lipsdp.errors import VerificationError
 

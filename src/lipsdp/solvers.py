@@ -17,7 +17,7 @@ def cvxpy_solver(name: str | None) -> tuple[str, str]:
     key = (name or DEFAULT_SOLVER).strip().lower()
     if key not in SOLVERS:
         raise SolverError(f"unknown solver '{name}'; choose one of: ipm, {', '.join(SOLVERS)}")
-    constant, module, install = SOLVERS[key]
+    constant, _module, install = SOLVERS[key]
     import cvxpy as cp
 
     if constant not in cp.installed_solvers():

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lipsdp.errors import UnknownMethodError
-from lipsdp.network import Network
 
 
 @dataclass
@@ -27,6 +26,29 @@ class MethodOutput:
     multipliers: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     solver: str | None = None
+
+
+def verified_output(
+    net, multipliers: np.ndarray | None, raw: float, status: str, solver: str, notes: list[str] | None = None
+) -> MethodOutput:
+    """Certify a method's multipliers (repairing them if needed); if no LMI certificate can be made at all,
+    fall back to the verified naive product and say so. Never returns an unverified number."""
+    from lipsdp.certify import certify_or_repair
+    from lipsdp.errors import VerificationError
+
+    notes = list(notes or [])
+    try:
+        cert, note = certify_or_repair(net, multipliers)
+    except VerificationError as exc:
+        from lipsdp.methods.naive import naive
+
+        out = naive(net)
+        out.notes = notes + [f"no LMI certificate ({exc}); reporting the verified naive product instead"]
+        out.raw, out.status = raw, status
+        return out
+    if note:
+        notes.insert(0, note)
+    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver)
 
 
 # name -> (module, function, one-line description)

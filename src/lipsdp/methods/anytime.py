@@ -15,9 +15,8 @@ import time
 
 import numpy as np
 
-from lipsdp.certify import certify_or_repair
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
-from lipsdp.methods import MethodOutput
+from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -102,10 +101,9 @@ def anytime(
     finally:
         torch.set_num_threads(threads)
     log.info("anytime: %d steps, rho %.6g, %.1fs on %s", done, best_rho, time.perf_counter() - start, device)
-    cert, note = certify_or_repair(net, bal.original_multipliers(net, best_t))
-    notes = [f"{done} first-order steps on {device}"] + ([note] if note else [])
     raw = float(np.sqrt(bal.original_rho(best_rho))) if np.isfinite(best_rho) else float("nan")
-    return MethodOutput(cert.upper, raw, "ok", "lmi-cholesky", cert.multipliers, notes, f"torch-{device}")
+    notes = [f"{done} first-order steps on {device}"]
+    return verified_output(net, bal.original_multipliers(net, best_t), raw, "ok", f"torch-{device}", notes)
 
 
 def _descend(weights, alphas, betas, log_t, sizes, best_t, best_rho, budget, steps, lr, tol, start, kw):

@@ -269,7 +269,20 @@ def solve_lipsdp_ipm(
     """
     start = time.perf_counter()
     bal = Balancing.of(net)
-    res = _solve_balanced(bal.network(net), per_neuron, tol, max_iter, time_limit, start)
+    try:
+        res = _solve_balanced(bal.network(net), per_neuron, tol, max_iter, time_limit, start)
+    except (np.linalg.LinAlgError, ValueError) as exc:
+        # Numerical breakdown (e.g. a factorisation of a nearly singular iterate): report it; the caller
+        # falls back to other verified multipliers.
+        log.info("interior point broke down: %s", exc)
+        return IPMResult(
+            np.zeros(net.n_neurons),
+            float("nan"),
+            "numerical_error",
+            0,
+            float("inf"),
+            time.perf_counter() - start,
+        )
     res.multipliers = bal.original_multipliers(net, res.multipliers)
     res.rho = bal.original_rho(res.rho)
     return res
@@ -305,79 +318,84 @@ def _solve_balanced(
     history: list[float] = []
     it = 0
     for it in range(1, max_iter + 1):
-        xu = st.times_u(x_mat)
-        chol_z = sla.cho_factor(z_mat, lower=True, check_finite=False)
-        lz = np.tril(chol_z[0])
-        lx = np.linalg.cholesky(x_mat)
-        z_inv = sla.cho_solve(chol_z, np.eye(n), check_finite=False)
-        z_inv = 0.5 * (z_inv + z_inv.T)
-        ziu = st.times_u(z_inv)
-        # residuals
-        a_x = st.a_bilinear(None, xu)  # A(X)
-        r_p = st.b - a_x.copy()
-        r_p[1:] += x_lin  # A_lin(x) = -x on the multiplier rows
-        # Z is recomputed from y at every step, so the dual residual is zero up to rounding.
-        mu = (float(np.sum(x_mat * z_mat)) + float(x_lin @ z_lin)) / n_total
-        pobj = float(np.sum(st.c * x_mat))
-        dobj = float(st.b @ y)
-        gap = abs(pobj - dobj) / (1.0 + abs(pobj) + abs(dobj))
-        p_inf = np.linalg.norm(r_p) / (1.0 + np.linalg.norm(st.b))
-        log.debug("ipm it %d: rho=%.10g gap=%.2e pinf=%.2e", it, y[0], gap, p_inf)
-        if gap < tol and p_inf < tol:
-            status = "optimal"
-            break
-        history.append(float(y[0]))
-        if len(history) > 15 and history[-16] - history[-1] <= tol * abs(history[-1]):
-            status = "stalled"  # rho (a valid bound at every iterate) no longer moves
-            break
-        if time_limit is not None and time.perf_counter() - start > time_limit:
-            status = "time_limit"
-            break
-        h = st.schur(xu, ziu)
-        h[1:, 1:] += np.diag(x_lin / z_lin)
         try:
-            chol_h = sla.cho_factor(h, lower=True, check_finite=False)
-        except np.linalg.LinAlgError:
-            h += np.eye(m) * 1e-12 * np.max(np.abs(np.diag(h)))
+            xu = st.times_u(x_mat)
+            chol_z = sla.cho_factor(z_mat, lower=True, check_finite=False)
+            lz = np.tril(chol_z[0])
+            lx = np.linalg.cholesky(x_mat)
+            z_inv = sla.cho_solve(chol_z, np.eye(n), check_finite=False)
+            z_inv = 0.5 * (z_inv + z_inv.T)
+            ziu = st.times_u(z_inv)
+            # residuals
+            a_x = st.a_bilinear(None, xu)  # A(X)
+            r_p = st.b - a_x.copy()
+            r_p[1:] += x_lin  # A_lin(x) = -x on the multiplier rows
+            # Z is recomputed from y at every step, so the dual residual is zero up to rounding.
+            mu = (float(np.sum(x_mat * z_mat)) + float(x_lin @ z_lin)) / n_total
+            pobj = float(np.sum(st.c * x_mat))
+            dobj = float(st.b @ y)
+            gap = abs(pobj - dobj) / (1.0 + abs(pobj) + abs(dobj))
+            p_inf = np.linalg.norm(r_p) / (1.0 + np.linalg.norm(st.b))
+            log.debug("ipm it %d: rho=%.10g gap=%.2e pinf=%.2e", it, y[0], gap, p_inf)
+            if gap < tol and p_inf < tol:
+                status = "optimal"
+                break
+            history.append(float(y[0]))
+            if len(history) > 15 and history[-16] - history[-1] <= tol * abs(history[-1]):
+                status = "stalled"  # rho (a valid bound at every iterate) no longer moves
+                break
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                status = "time_limit"
+                break
+            h = st.schur(xu, ziu)
+            h[1:, 1:] += np.diag(x_lin / z_lin)
             try:
                 chol_h = sla.cho_factor(h, lower=True, check_finite=False)
             except np.linalg.LinAlgError:
-                status = "numerical_error"
+                h += np.eye(m) * 1e-12 * np.max(np.abs(np.diag(h)))
+                try:
+                    chol_h = sla.cho_factor(h, lower=True, check_finite=False)
+                except np.linalg.LinAlgError:
+                    status = "numerical_error"
+                    break
+            it_data = _Iterate(
+                st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
+            )
+            dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
+            ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
+            ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
+            mu_aff = (
+                float(np.sum((x_mat + ap * dx) * (z_mat + ad * dz.toarray())))
+                + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
+            ) / n_total
+            sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
+            dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
+            gamma = 0.9 + 0.09 * min(ap, ad)
+            ap = min(1.0, gamma * _max_step(lx, dx), gamma * _max_step_lin(x_lin, dx_lin))
+            ad = min(1.0, gamma * _max_step(lz, dz), gamma * _max_step_lin(z_lin, dz_lin))
+            for _ in range(30):
+                x_new = x_mat + ap * dx
+                if _is_pd(x_new):
+                    break
+                ap *= 0.5
+            x_mat = x_new
+            x_lin = x_lin + ap * dx_lin
+            for _ in range(30):
+                y_new = y + ad * dy
+                z_new = st.c - st.a_adjoint(y_new)
+                if np.all(y_new[1:] > 0) and _is_pd(z_new):
+                    break
+                ad *= 0.5
+            else:
+                status = "stalled"
                 break
-        it_data = _Iterate(
-            st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
-        )
-        dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
-        ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
-        ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
-        mu_aff = (
-            float(np.sum((x_mat + ap * dx) * (z_mat + ad * dz.toarray())))
-            + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
-        ) / n_total
-        sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
-        dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
-        gamma = 0.9 + 0.09 * min(ap, ad)
-        ap = min(1.0, gamma * _max_step(lx, dx), gamma * _max_step_lin(x_lin, dx_lin))
-        ad = min(1.0, gamma * _max_step(lz, dz), gamma * _max_step_lin(z_lin, dz_lin))
-        for _ in range(30):
-            x_new = x_mat + ap * dx
-            if _is_pd(x_new):
-                break
-            ap *= 0.5
-        x_mat = x_new
-        x_lin = x_lin + ap * dx_lin
-        for _ in range(30):
-            y_new = y + ad * dy
-            z_new = st.c - st.a_adjoint(y_new)
-            if np.all(y_new[1:] > 0) and _is_pd(z_new):
-                break
-            ad *= 0.5
-        else:
-            status = "stalled"
+            y, z_mat, z_lin = y_new, z_new, y_new[1:].copy()
+            x_mat = 0.5 * (x_mat + x_mat.T)
+            z_mat = 0.5 * (z_mat + z_mat.T)
+        except (np.linalg.LinAlgError, ValueError):
+            status = "numerical_error"  # the last accepted y is still dual feasible
             break
-        y, z_mat, z_lin = y_new, z_new, y_new[1:].copy()
-        x_mat = 0.5 * (x_mat + x_mat.T)
-        z_mat = 0.5 * (z_mat + z_mat.T)
+
     mult = np.clip(y[1:], 0.0, None)
     if not per_neuron:
         mult = np.repeat(mult, st.layer_sizes)

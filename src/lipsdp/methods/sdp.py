@@ -10,9 +10,8 @@ import logging
 
 import numpy as np
 
-from lipsdp.certify import certify_or_repair
 from lipsdp.errors import SolverError
-from lipsdp.methods import MethodOutput
+from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
 from lipsdp.solvers import cvxpy_solver
 
@@ -114,11 +113,9 @@ def _solve(
         except (TypeError, ValueError):
             t = None
     raw = float(np.sqrt(max(float(rho.value), 0.0))) if rho.value is not None else float("nan")
-    cert, note = certify_or_repair(net, t)
-    notes = notes + ([note] if note else [])
     if status not in ("optimal",):
         notes.append(f"solver status: {status}")
-    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver_name)
+    return verified_output(net, t, raw, status, solver_name, notes)
 
 
 LINEAR_RELAX = 1e-4
@@ -147,8 +144,7 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
         return naive(net)
     net, widened = _widen_linear_neurons(net)
     res = solve_lipsdp_ipm(net, per_neuron=per_neuron, time_limit=time_limit)
-    cert, note = certify_or_repair(net, res.multipliers)
-    notes = [note] if note else []
+    notes = []
     if widened:
         notes.append(
             f"{widened} exactly linear neurons given slopes [b - {LINEAR_RELAX:g}|b|, b] for the solver"
@@ -157,8 +153,8 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
         notes.append(
             f"interior-point status: {res.status} after {res.iterations} iterations (bound still verified)"
         )
-    raw = float(np.sqrt(max(res.rho, 0.0)))
-    return MethodOutput(cert.upper, raw, res.status, "lmi-cholesky", cert.multipliers, notes, "lipsdp-ipm")
+    raw = float(np.sqrt(max(res.rho, 0.0))) if np.isfinite(res.rho) else float("nan")
+    return verified_output(net, res.multipliers, raw, res.status, "lipsdp-ipm", notes)
 
 
 def lipsdp_layer(
