@@ -114,18 +114,23 @@ def _descend(weights, alphas, betas, log_t, sizes, best_t, best_rho, budget, ste
     step_lr = lr
     done = 0
     stalled = 0
+
+    def restart_from_best(new_lr: float) -> None:
+        """Go back to the best multipliers with a smaller step and a fresh Adam state."""
+        with torch.no_grad():
+            log_t.copy_(torch.as_tensor(np.log(np.maximum(best_t, 1e-300)), **kw))
+        for group in opt.param_groups:
+            group["lr"] = new_lr
+        opt.state.clear()
+
     for done in range(1, steps + 1):
         if time.perf_counter() - start > budget:
             break
         rho = _rho_torch(weights, alphas, betas, log_t, sizes)
         if rho is None or not torch.isfinite(rho):
             # left the region where R(T) > 0: go back to the best point with a smaller step
-            with torch.no_grad():
-                log_t.copy_(torch.as_tensor(np.log(np.maximum(best_t, 1e-300)), **kw))
             step_lr *= 0.5
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            opt.state.clear()
+            restart_from_best(step_lr)
             if step_lr < 1e-6:
                 break
             continue
@@ -139,12 +144,8 @@ def _descend(weights, alphas, betas, log_t, sizes, best_t, best_rho, budget, ste
             best_t = torch.exp(log_t).detach().cpu().numpy().copy()
         if stalled > 60:
             # no progress: restart from the best point with half the step
-            with torch.no_grad():
-                log_t.copy_(torch.as_tensor(np.log(np.maximum(best_t, 1e-300)), **kw))
             step_lr *= 0.5
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            opt.state.clear()
+            restart_from_best(step_lr)
             stalled = 0
             if step_lr < 1e-4:
                 break
