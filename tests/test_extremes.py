@@ -14,7 +14,7 @@ from conftest import exact_lipschitz_1d
 
 import lipsdp
 from lipsdp import LipSDPError, Network, VerificationError
-from lipsdp.certify import certify
+from lipsdp.certificate import certify
 from lipsdp.lower import lower_bound
 from lipsdp.scaling import fold_linear_layers, layer_exponents, rescale
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lipsdp
-from lipsdp.certify import certify as prove
+from lipsdp.certificate import certify as prove
 from lipsdp.io.arrays import save_npz
 from lipsdp.methods.ipm import solve_lipsdp_ipm
 from conftest import he_network

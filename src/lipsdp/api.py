@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lipsdp.certify import certified_product
+from lipsdp.certificate import certified_product
 from lipsdp.errors import LipSDPError
 from lipsdp.io import load_network
 from lipsdp.methods import MethodOutput, get_method

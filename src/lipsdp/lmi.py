@@ -88,7 +88,7 @@ def schur_rho(net: Network, t: np.ndarray) -> float | None:
     """rho*(T): the smallest rho with F(rho, T) PSD, assuming the hidden part R is positive definite.
 
     Returns None when R is not (numerically) positive definite, i.e. T certifies nothing. This is a
-    floating-point estimate; `lipsdp.certify` turns it into a proven bound.
+    floating-point estimate; `lipsdp.certificate` turns it into a proven bound.
     """
     f = negated_lmi(net, 0.0, np.clip(t, 0.0, None))
     s = f.diag[0]

@@ -1,7 +1,7 @@
 """The registry of bounding methods. Adding a method is one module and one line in `_REGISTRY`.
 
 Every method takes a `Network` and keyword options and returns a `MethodOutput` whose `upper` is a
-verified upper bound (proved by `lipsdp.certify`); `raw` is the method's own, unverified value.
+verified upper bound (proved by `lipsdp.certificate`); `raw` is the method's own, unverified value.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def verified_output(
 ) -> MethodOutput:
     """Certify a method's multipliers (repairing them if needed); if no LMI certificate can be made at all,
     fall back to the verified naive product and say so. Never returns an unverified number."""
-    from lipsdp.certify import certify_or_repair
+    from lipsdp.certificate import certify_or_repair
     from lipsdp.errors import VerificationError
 
     notes = list(notes or [])

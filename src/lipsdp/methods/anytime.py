@@ -4,7 +4,7 @@ For any T >= 0 whose hidden block R(T) is positive definite, rho*(T) = -lambda_m
 (see `lipsdp.lmi`) is a valid bound, and it is convex in T. So we run Adam on log t (keeping t > 0)
 against rho*(T), computed by the block recursion in torch (autograd through Cholesky solves and the
 symmetric eigensolver), on CPU or GPU. Every iterate is a bound; the best one seen is certified in
-float64 by `lipsdp.certify` and returned, so stopping at any time (`budget` seconds, `steps`) still
+float64 by `lipsdp.certificate` and returned, so stopping at any time (`budget` seconds, `steps`) still
 yields a verified answer. Warm start: the layer-by-layer multipliers (`lmi.sequential_multipliers`).
 """
 

@@ -12,7 +12,7 @@ standard infeasible primal-dual path-following scheme with the HKM search direct
 predictor-corrector (Helmberg, Rendl, Vanderbei & Wolkowicz 1996; Todd, Toh & Tutuncu 1998).
 
 It returns the multipliers; the bound reported to the user is always re-derived and proved by
-`lipsdp.certify`. Layer mode ties the multipliers of each layer together (LipSDP-Layer).
+`lipsdp.certificate`. Layer mode ties the multipliers of each layer together (LipSDP-Layer).
 """
 
 from __future__ import annotations

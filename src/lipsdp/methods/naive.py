@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipsdp.certify import certified_product, certify
+from lipsdp.certificate import certified_product, certify
 from lipsdp.errors import VerificationError
 from lipsdp.methods import MethodOutput
 from lipsdp.network import Network

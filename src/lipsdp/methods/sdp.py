@@ -1,7 +1,7 @@
 """LipSDP-Neuron and LipSDP-Layer as semidefinite programs through CVXPY (Clarabel, SCS or MOSEK).
 
 Minimise rho subject to F(rho, T) = -M(rho, T) >= 0 (see `lipsdp.lmi`). The solver's multipliers are then
-certified (`lipsdp.certify`): the reported bound is verified, the solver's own sqrt(rho) is kept as `raw`.
+certified (`lipsdp.certificate`): the reported bound is verified, the solver's own sqrt(rho) is kept as `raw`.
 """
 
 from __future__ import annotations

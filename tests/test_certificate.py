@@ -10,7 +10,7 @@ from conftest import he_network
 
 import lipsdp
 from lipsdp import Network
-from lipsdp.certify import certified_product, certify, certify_or_repair, prove_positive_definite
+from lipsdp.certificate import certified_product, certify, certify_or_repair, prove_positive_definite
 from lipsdp.lmi import negated_lmi, schur_rho, sequential_multipliers
 from lipsdp.lower import jacobian_norms, lower_bound
 
