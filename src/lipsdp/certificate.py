@@ -188,12 +188,12 @@ def _best_mixing(net: Network, t: np.ndarray, anchor: np.ndarray) -> float | Non
     def rho_at(log_theta: float) -> float:
         theta = float(np.exp(log_theta))
         value = schur_rho(net, (1.0 - theta) * t + theta * anchor)
-        return math.inf if value is None else value
+        return 1e300 if value is None else value  # finite, so the scalar search stays warning-free
 
     grid = np.linspace(np.log(1e-9), 0.0, 28)
     values = [rho_at(g) for g in grid]
     i = int(np.argmin(values))
-    if not np.isfinite(values[i]):
+    if values[i] >= 1e300:
         return None
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     res = minimize_scalar(rho_at, bounds=(lo, hi), method="bounded", options={"xatol": 1e-3})
