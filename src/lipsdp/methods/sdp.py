@@ -185,7 +185,7 @@ def lipsdp_neuron(
 
     By default (solver=None or 'ipm') the structured interior-point solver (`methods.ipm`), which exploits
     the rank-2 structure of each neuron's constraint; a named conic solver ('clarabel', 'scs', 'mosek')
-    solves the chordally decomposed LMI through CVXPY instead."""
+    solves the direct dense formulation through CVXPY instead (as `neuron-dense`)."""
     if solver in (None, "ipm"):
         return _solve_structured(net, per_neuron=True, time_limit=time_limit)
     return lipsdp_neuron_dense(net, solver=solver, time_limit=time_limit, **opts)
