@@ -120,3 +120,16 @@ def test_compare_orders_tiers_and_plots(tmp_path):
     assert rows["layer"]["upper"] <= rows["naive"]["upper"] * (1 + 1e-9)
     assert rows["sequential"]["upper"] <= rows["naive"]["upper"] * (1 + 1e-9)
     assert plot.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_deep_net_exact_and_first_order_agree():
+    """[50, 50 x 10, 10]: the structured IPM's verified bound and the anytime bound agree to 2%, and the
+    SCS dense formulation (independent solver) is not below the IPM's optimum by more than its accuracy."""
+    net = he_network([50] + [50] * 10 + [10], seed=0)
+    exact = lipsdp.estimate(net, "neuron")
+    assert exact.status == "optimal"
+    anytime = lipsdp.estimate(net, "anytime", budget=120.0)
+    assert exact.upper * (1 - 1e-9) <= anytime.upper <= exact.upper * 1.02
+    sequential = lipsdp.estimate(net, "sequential").upper
+    assert exact.upper <= sequential <= lipsdp.estimate(net, "naive").upper
