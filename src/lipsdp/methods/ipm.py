@@ -117,16 +117,13 @@ class _Structure:
         self.s = sp.csr_matrix((np.ones(self.k), (np.arange(self.k), self.var)), shape=(self.k, self.m))
         self.n = n
         self.n_lin = self.m - 1
+        # Z = C - A'(y) with C = -W_l'W_l (block l) so that Z = F(rho, t).
         c = np.zeros((n, n))
         wl = net.weights[-1]
-        c[offs[-2] :, offs[-2] :] = -(wl.T @ wl) if net.depth else 0.0
-        if net.depth == 0:
-            c[:, :] = -(wl.T @ wl)
-        # Z = C - A'(y) with C = -W_l'W_l (block l) so that Z = F(rho, t).
+        c[offs[-2] :, offs[-2] :] = -(wl.T @ wl)
         self.c = c
         self.b = np.zeros(self.m)
         self.b[0] = -1.0  # maximise -rho
-        self.per_neuron = per_neuron
         self.layer_sizes = net.hidden_sizes
 
     def times_u(self, m: np.ndarray) -> np.ndarray:
