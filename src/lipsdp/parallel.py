@@ -14,21 +14,10 @@ from typing import Any
 
 
 def _pin_threads() -> None:
-    """Give each worker process one BLAS / torch thread, so N workers use N cores, not N^2."""
+    """Worker-process initialiser: one thread for libraries that read these variables when they start
+    (e.g. Clarabel's Rayon pool); already-loaded BLAS and torch are pinned per task by `_call_pinned`."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[var] = "1"
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
 
 
 def dask_executor(address: str) -> Executor:
@@ -89,12 +78,9 @@ def run_all(
 
 
 def _call_pinned(func: Callable[..., Any], args: tuple) -> Any:
-    """Run one task with one solver / BLAS thread, so N workers use N cores (Dask workers included)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return func(*args)
+    """Run one task with one BLAS / torch thread, so N workers use N cores, not N^2 (Dask workers too)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
