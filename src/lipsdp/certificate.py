@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as sla
 
-from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho
+from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho, sequential_multipliers
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,6 @@ def certified_product(factors: list[float]) -> float:
 def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, str]:
     """Certify t; if that fails, mix t with the always-feasible layer-by-layer multipliers until it
     succeeds. Returns the certificate and a short note on what was done ('' when t itself worked)."""
-    from lipsdp.lmi import sequential_multipliers
-
     if t is not None:
         cert = certify(net, t)
         if cert is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from lipsdp.network import Network
+from lipsdp.scaling import rescale
 
 
 def split_multipliers(net: Network, t: np.ndarray) -> list[np.ndarray]:
@@ -177,23 +178,16 @@ class Balancing:
 
     @classmethod
     def of(cls, net: Network) -> Balancing:
-        """Power-of-two factors giving every layer norm ~1; the identity if scaling would not be exact."""
-        bal = cls._choose(net)
-        for k, w in enumerate(net.weights):
-            factor = bal.d[k] / bal.d[k + 1]
-            if not (np.isfinite(factor) and factor > 0 and np.array_equal((w * factor) / factor, w)):
-                return cls(np.ones(len(net.weights) + 1))  # some entry would under/overflow: keep as is
-        return bal
-
-    @classmethod
-    def _choose(cls, net: Network) -> Balancing:
-        exps = []
+        """Power-of-two factors 2^e_k giving every layer a spectral norm of about 1; a layer whose scaling
+        would not be exact keeps e_k = 0 (`scaling.rescale` checks that)."""
+        wanted = []
         for w in net.weights:
             norm = float(np.linalg.norm(w, 2)) if min(w.shape) <= 512 else float(np.linalg.norm(w))
-            exps.append(int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
+            wanted.append(-int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
+        exps = rescale(net, wanted).exponents
         d = np.ones(len(net.weights) + 1)
         for k in range(len(net.weights) - 1, -1, -1):
-            d[k] = d[k + 1] * 2.0 ** (-exps[k])
+            d[k] = d[k + 1] * 2.0 ** exps[k]
         return cls(d)
 
     def network(self, net: Network) -> Network:
