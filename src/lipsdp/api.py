@@ -183,6 +183,14 @@ def _estimate_task(model: Any, method: str, kwargs: dict[str, Any]) -> Result:
         raise type(exc)(f"{label}: {exc}") from None
 
 
+def _estimate_or_error(model: Any, method: str, kwargs: dict[str, Any]) -> Result | LipSDPError:
+    """`_estimate_task`, but a LipSDPError is returned in place of the Result (runs that keep going)."""
+    try:
+        return _estimate_task(model, method, kwargs)
+    except LipSDPError as exc:
+        return exc
+
+
 def estimate_many(
     models: list[Any],
     method: str = "neuron",
@@ -191,14 +199,17 @@ def estimate_many(
     executor: Executor | None = None,
     dask: str | None = None,
     on_done: Callable[[int, Result], None] | None = None,
+    keep_going: bool = False,
     **kwargs: Any,
 ) -> list[Result]:
     """`estimate` for several models, in parallel over models (local processes, an executor, or Dask).
 
     Results come back in the order of `models` whichever executor ran them; `on_done(index, result)` is
-    called as each finishes (progress, incremental output)."""
+    called as each finishes (progress, incremental output). With `keep_going`, a model that fails with a
+    LipSDPError (unreadable file, bad weights, ...) gets that error in its place instead of ending the run."""
     get_method(method)
     if dask is not None and executor is None:
         executor = dask_executor(dask)
     items = [(m, method, dict(kwargs, workers=1)) for m in models]
-    return run_all(_estimate_task, items, workers=workers, executor=executor, on_done=on_done)
+    task = _estimate_or_error if keep_going else _estimate_task
+    return run_all(task, items, workers=workers, executor=executor, on_done=on_done)

@@ -1,6 +1,7 @@
 """Loaders: turn a model object or file into a `Network`.
 
 `load_network(model)` accepts a Network, a torch module, or a path (.npz, .mat, .onnx).
+Files parsed by C extensions go through `run_isolated` (a child process with memory and time limits).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lipsdp.errors import ModelLoadError
+from lipsdp.io.isolation import run_isolated
 from lipsdp.network import Network
 
 
@@ -30,11 +32,11 @@ def load_network(model: Any, **options: Any) -> Network:
         if suffix == ".mat":
             from lipsdp.io.arrays import load_mat
 
-            return load_mat(path)
+            return run_isolated(load_mat, path, preload=("scipy.io",))  # scipy / HDF5 parse in C
         if suffix == ".onnx":
             from lipsdp.io.onnx_model import load_onnx
 
-            return load_onnx(path, **options)
+            return run_isolated(load_onnx, path, preload=("onnx",), **options)  # protobuf parses in C
         if suffix in (".pt", ".pth", ".ckpt", ".pkl"):
             raise ModelLoadError(
                 f"{path}: lipsdp does not read pickled torch files (loading one can run code, and a state_dict "

@@ -1,5 +1,6 @@
 """Weight files: `.npz` (W0, W1, ..., optional b0, ..., optional `activations`) and the original LipSDP
-`.mat` format (a cell array named `weights`, entries (n_out, n_in), ReLU, no biases)."""
+`.mat` format (a cell array named `weights`, entries (n_out, n_in), ReLU, no biases; v7.3 files via
+`lipsdp.io.mat73`)."""
 
 from __future__ import annotations
 
@@ -100,10 +101,19 @@ def load_npz(path: str | Path) -> Network:
 
 
 def load_mat(path: str | Path) -> Network:
-    """Read an original-LipSDP `.mat` file (cell array `weights`; optional `biases`, `activations`)."""
+    """Read an original-LipSDP `.mat` file (cell array `weights`; optional `biases`, `activations`).
+
+    MATLAB v7.3 (HDF5) files go to `lipsdp.io.mat73`; older versions to scipy.io.loadmat."""
     import scipy.io
 
+    from lipsdp.io.mat73 import is_mat73, load_mat73
+
     path = Path(path)
+    try:
+        if is_mat73(path):
+            return load_mat73(path)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the file ({exc})") from None
     try:  # shapes from the headers only, so a file claiming a huge array is refused before allocating
         for name, shape, _ in scipy.io.whosmat(path):
             n = int(np.prod(shape, dtype=object)) if shape else 1
