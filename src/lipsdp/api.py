@@ -179,7 +179,9 @@ def _estimate_task(model: Any, method: str, kwargs: dict[str, Any]) -> Result:
     try:
         return estimate(model, method, **kwargs)
     except LipSDPError as exc:
-        label = model if isinstance(model, (str, Path)) else type(model).__name__
+        label = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+        if str(exc).startswith(f"{label}:"):  # loaders already name their file
+            raise
         raise type(exc)(f"{label}: {exc}") from None
 
 

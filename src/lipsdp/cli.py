@@ -6,12 +6,16 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from lipsdp.errors import LipSDPError
 
@@ -31,16 +35,85 @@ def _fmt(x: float | None, digits: int = 6) -> str:
     return f"{x:.{digits}g}"
 
 
-def result_table(rows: list[tuple[str, object]], title: str | None = None) -> Table:
-    """Rich table of results: one row per (label, Result)."""
-    table = Table(title=title)
-    for col in ("model", "method", "upper (verified)", "lower", "upper/lower", "raw", "seconds"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    for label, r in rows:
-        table.add_row(
-            label, r.method, _fmt(r.upper), _fmt(r.lower), _fmt(r.ratio, 4), _fmt(r.raw), f"{r.seconds:.2f}"
-        )
-    return table
+@dataclass(frozen=True)
+class Column:
+    """A table column: `fold` columns (file names, descriptions) may fold onto several lines; the others
+    (numbers, method names) are always printed whole."""
+
+    header: str
+    fold: bool = False
+    justify: str = "right"
+
+
+# Narrowest a folding column gets before the table gives way to one block of lines per row.
+_FOLD_MIN = 8
+
+
+def print_table(
+    columns: Sequence[Column],
+    rows: Sequence[Sequence[str]],
+    title: str | None = None,
+    target: Console | None = None,
+) -> None:
+    """Print rows so that no cell of a whole column is ever cut, in any console width (pipes too).
+
+    Every column gets a fixed width: whole columns their longest cell (or header word), folding columns
+    what is left. A boxed table if it fits, else a borderless one; when even folding columns at
+    `_FOLD_MIN` characters do not fit, each row becomes `header: value` lines (the terminal wraps them),
+    so a number is never shortened, however many columns there are."""
+    target = target or console
+    n = len(columns)
+    natural = [
+        max([max((len(w) for w in col.header.split()), default=1)] + [len(row[i]) for row in rows])
+        for i, col in enumerate(columns)
+    ]
+    folding = [i for i, c in enumerate(columns) if c.fold]
+    # (table options, characters besides the cells): the default box has n + 1 rules and 2 spaces of
+    # padding per column; the borderless style only pads between columns.
+    styles = [({}, 3 * n + 1), ({"box": None, "pad_edge": False, "show_edge": False}, 2 * (n - 1))]
+    for options, overhead in styles:
+        widths = [min(natural[i], _FOLD_MIN) if i in folding else natural[i] for i in range(n)]
+        room = target.width - overhead - sum(widths)
+        if room < 0:
+            continue
+        for i in folding:  # share what is left, first come first served
+            extra = min(room, natural[i] - widths[i])
+            widths[i] += extra
+            room -= extra
+        table = Table(title=Text(title) if title else None, **options)
+        for col, width in zip(columns, widths):
+            overflow = "fold" if col.fold else "ellipsis"  # whole columns are never narrower than a cell
+            table.add_column(col.header, justify=col.justify, width=width, overflow=overflow)
+        for row in rows:
+            table.add_row(*(Text(cell) for cell in row))
+        target.print(table)
+        return
+    if title:
+        target.print(title, highlight=False, markup=False, soft_wrap=True)
+    for row in rows:
+        target.print(f"{columns[0].header}: {row[0]}", highlight=False, markup=False, soft_wrap=True)
+        for col, cell in zip(columns[1:], row[1:]):
+            target.print(f"  {col.header}: {cell}", highlight=False, markup=False, soft_wrap=True)
+
+
+RESULT_COLUMNS = (
+    Column("model", fold=True, justify="left"), Column("method"), Column("upper (verified)"), Column("lower"),
+    Column("upper/lower"), Column("raw"), Column("seconds"),
+)
+
+
+def result_rows(rows: list[tuple[str, object]]) -> list[list[str]]:
+    """The cells of the estimate table: one row per (label, Result), every bound with 6 digits."""
+    return [
+        [label, r.method, _fmt(r.upper), _fmt(r.lower), _fmt(r.ratio, 4), _fmt(r.raw), f"{r.seconds:.2f}"]
+        for label, r in rows
+    ]
+
+
+def model_labels(paths: Sequence[Path]) -> list[str]:
+    """Short table labels: the file names when they are all different, else the paths as given."""
+    names = [p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
 @app.command()
@@ -82,9 +155,16 @@ def estimate(
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     options = {"budget": budget} if budget is not None else {}
     done: dict[int, object] = {}
+    failed: list[int] = []
     show_progress = len(paths) > 1 and not as_json and console.is_terminal
 
     def finished(index: int, res) -> None:
+        if isinstance(res, LipSDPError):  # one bad model: one error line, the others go on
+            failed.append(index)
+            err_console.print(f"[bold red]error:[/] {escape(str(res))}", highlight=False, soft_wrap=True)
+            if show_progress:
+                progress.advance(task)
+            return
         done[index] = res
         if out is not None:  # written as each model finishes, so an interrupted run keeps its results
             with open(out, "a", encoding="utf-8") as fh:
@@ -100,8 +180,9 @@ def estimate(
                 ran = [run_estimate(paths[0], method, workers=workers, dask=dask, **common)]
                 finished(0, ran[0])
             else:
-                ran = estimate_many(list(paths), method, workers=workers, dask=dask, on_done=finished, **common)
-        results = [(str(p), r) for p, r in zip(paths, ran)]
+                estimate_many(
+                    list(paths), method, workers=workers, dask=dask, on_done=finished, keep_going=True, **common
+                )
     except LipSDPError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -110,14 +191,18 @@ def estimate(
             f"interrupted after {len(done)} of {len(paths)} models{kept}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(130) from None
+    kept = sorted(done)
     if as_json:
-        payload = [dict(r.to_dict(), model=label) for label, r in results]
-        print(json.dumps(payload[0] if len(payload) == 1 else payload, indent=2))
-        return
-    console.print(result_table(results))
-    for label, r in results:
-        for note in r.notes:
-            console.print(f"[dim]{label}: {note}[/]", highlight=False)
+        payload = [dict(done[i].to_dict(), model=str(paths[i])) for i in kept]
+        print(json.dumps(payload[0] if len(paths) == 1 else payload, indent=2))
+    elif kept:
+        labels = model_labels(paths)
+        print_table(RESULT_COLUMNS, result_rows([(labels[i], done[i]) for i in kept]))
+        for i in kept:
+            for note in done[i].notes:
+                console.print(f"[dim]{escape(labels[i])}: {escape(note)}[/]", highlight=False)
+    if failed:  # every other model's result is printed (and in --out); the exit code says not all are
+        raise typer.Exit(2)
 
 
 def _array_arg(text: str | Path, name: str):
@@ -197,12 +282,11 @@ def certify(
     if as_json:
         print(json.dumps(dict(cert.to_dict(values), model=str(model)), indent=2))
         return
-    table = Table(title=f"{model}: certified accuracy ({bound} bounds, {method})")
-    table.add_column("radius", justify="right")
-    table.add_column("certified accuracy", justify="right")
-    for r in values:
-        table.add_row(f"{r:g}", f"{cert.certified_accuracy(r):.4f}")
-    console.print(table)
+    print_table(
+        [Column("radius"), Column("certified accuracy")],
+        [[f"{r:.6g}", f"{cert.certified_accuracy(r):.4f}"] for r in values],
+        title=f"{model.name}: certified accuracy ({bound} bounds, {method})",
+    )
     correct = cert.radii[cert.correct]
     median = _fmt(float(np.median(correct))) if correct.size else "-"
     console.print(
@@ -246,14 +330,15 @@ def compare(
     if as_json:
         print(json.dumps([dict(r.result.to_dict(), peak_mib=r.peak_bytes / 2**20) for r in rows], indent=2))
         return
-    table = Table(title=f"{path} (lower bound {_fmt(lower_value)})")
-    for col in ("method", "upper (verified)", "lower", "upper/lower", "seconds", "peak MiB"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        res = r.result
-        table.add_row(res.method, _fmt(res.upper), _fmt(res.lower), _fmt(res.ratio, 4), f"{res.seconds:.2f}",
-                      f"{r.peak_bytes / 2**20:.1f}")
-    console.print(table)
+    print_table(
+        [Column(c) for c in ("method", "upper (verified)", "lower", "upper/lower", "seconds", "peak MiB")],
+        [
+            [r.result.method, _fmt(r.result.upper), _fmt(r.result.lower), _fmt(r.result.ratio, 4),
+             f"{r.result.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"]
+            for r in rows
+        ],
+        title=f"{path.name} (lower bound {_fmt(lower_value)})",
+    )
 
 
 @app.command()
@@ -261,12 +346,10 @@ def methods() -> None:
     """List the available methods."""
     from lipsdp.methods import available_methods
 
-    table = Table()
-    table.add_column("method")
-    table.add_column("what it computes")
-    for name, desc in available_methods().items():
-        table.add_row(name, desc)
-    console.print(table)
+    print_table(
+        [Column("method", justify="left"), Column("what it computes", fold=True, justify="left")],
+        [[name, desc] for name, desc in available_methods().items()],
+    )
 
 
 @app.command()
