@@ -113,8 +113,9 @@ class Certificate:
 def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     """Verified bound from multipliers t (one per hidden neuron); None if no proof could be made.
 
-    The proof runs on the exactly balanced LMI (`lmi.Balancing`, power-of-two block scaling), which keeps
-    the rounding margin small relative to the smallest eigenvalue on deep networks."""
+    The proof runs on the exactly balanced LMI (`lmi.Balancing`: a power-of-two diagonal congruence that
+    gives every layer norm about 1 and then F(rho*, T) a diagonal of about 1), which keeps the norm-wise
+    rounding margin small relative to the smallest eigenvalue on deep and ill-conditioned networks."""
     t = np.zeros(0) if t is None else np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
     if not np.all(np.isfinite(t)) or t.size != net.n_neurons:
         return None
@@ -125,6 +126,12 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     rho_star = schur_rho(net_b, t_b)
     if rho_star is None:
         return None
+    # then equilibrate F(rho*, T) itself: every diagonal entry about 1 (exact powers of two again)
+    eq = Balancing.equilibrating(net_b, rho_star, t_b)
+    t_eq = eq.multipliers(net_b, t_b)
+    if not eq.is_identity() and np.array_equal(eq.original_multipliers(net_b, t_eq), t_b):
+        bal, net_b, t_b = bal.then(eq), eq.network(net_b), t_eq
+        rho_star = eq.balanced_rho(rho_star)
     scale = max(rho_star, 1e-200)  # a zero network still needs rho > 0 for a strict proof
     for inflation in RHO_INFLATIONS:
         rho_b = rho_star + inflation * scale
@@ -134,7 +141,9 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
             if not np.isfinite(rho) or rho <= 0:
                 return None
             upper = math.nextafter(math.sqrt(rho), math.inf)
-            return Certificate(upper, rho, bal.original_rho(rho_star), t, proven)
+            # the multipliers actually proven (equal to t unless scaling them left the float64 range)
+            t_proven = bal.original_multipliers(net, t_b)
+            return Certificate(upper, rho, bal.original_rho(rho_star), t_proven, proven)
     log.debug("certificate failed for rho*=%g at every inflation", rho_star)
     return None
 

@@ -22,7 +22,6 @@ import numpy as np
 import scipy.linalg as sla
 
 from lipsdp.network import Network
-from lipsdp.scaling import rescale
 
 
 def split_multipliers(net: Network, t: np.ndarray) -> list[np.ndarray]:
@@ -169,37 +168,163 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
 
 @dataclass(frozen=True)
 class Balancing:
-    """Exact power-of-two block scaling D = diag(d_k I) of the LMI: D F(rho, t) D is the LMI of the network
-    with weights W_k d_k / d_{k+1}, multipliers d_k^2 t_k (hidden layer k) and rho d_0^2. With d_k powers of
-    two every scaled number is exact in floating point (barring overflow), so a proof for the balanced LMI
-    is a proof for the original one. Chosen so that every scaled layer has norm about 1."""
+    """Exact power-of-two diagonal congruence of the LMI, one factor per coordinate.
 
-    d: np.ndarray  # d_0 .. d_{l+1}, d_{l+1} = 1
+    With D = diag(2^e_0 I, 2^e_1, ..., 2^e_l) over the stacked state (the input block scalar, every hidden
+    neuron its own exponent) and an output exponent o, the network with weights
+    W^_k = diag(2^-e_{k+1}) W_k diag(2^e_k) (e_{l+1} = o), multipliers t^_k = t_k 2^(2 e_k - 2 o) and
+    rho^ = rho 2^(2 e_0 - 2 o) has the LMI F^ = D F D 2^-2o (check block by block with the formulas above:
+    every term picks up exactly the factors of its row and column). The slope bounds are unchanged. So
+    F^ >= 0 iff F >= 0, and since every factor is a power of two the scaled numbers are exact in floating
+    point (checked when built; a scaling that would not be exact is dropped), so a proof for the balanced
+    LMI is a proof for the original one. Per-layer scalars are the special case of constant e_k.
+
+    Why per neuron: trained and ill-conditioned nets have neurons whose weights differ by many orders of
+    magnitude; the interior-point method's tolerances and the certificate's norm-wise rounding margin are
+    only meaningful when the LMI's diagonal is of one scale.
+    """
+
+    input_exp: int
+    hidden_exps: tuple[np.ndarray, ...]
+    output_exp: int = 0
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def identity(cls, net: Network) -> Balancing:
+        return cls(0, tuple(np.zeros(n, dtype=np.int64) for n in net.hidden_sizes), 0)
 
     @classmethod
-    def of(cls, net: Network) -> Balancing:
-        """Power-of-two factors 2^e_k giving every layer a spectral norm of about 1; a layer whose scaling
-        would not be exact keeps e_k = 0 (`scaling.rescale` checks that)."""
+    def of(cls, net: Network, per_neuron: bool = True, sweeps: int = 6) -> Balancing:
+        """A scaling from the weights alone: each hidden neuron's incoming row and outgoing column are
+        given equal norms (a few forward/backward sweeps; skipped unless `per_neuron`), then every layer a
+        spectral norm of about 1."""
+        bal = cls.identity(net)
+        if net.depth and per_neuron:
+            exps = [np.zeros(n, dtype=np.int64) for n in net.hidden_sizes]
+            for sweep in range(sweeps):
+                order = range(net.depth) if sweep % 2 == 0 else range(net.depth - 1, -1, -1)
+                for k in order:
+                    w_in = cls._scaled(net.weights[k], exps[k - 1] if k else 0, exps[k])
+                    w_out = cls._scaled(net.weights[k + 1], exps[k], exps[k + 1] if k + 1 < net.depth else 0)
+                    rows = np.sqrt(np.einsum("ij,ij->i", w_in, w_in))
+                    cols = np.sqrt(np.einsum("ij,ij->j", w_out, w_out))
+                    ok = (rows > 0) & (cols > 0) & np.isfinite(rows) & np.isfinite(cols)
+                    step = np.zeros(len(rows), dtype=np.int64)
+                    step[ok] = np.round(0.5 * np.log2(rows[ok] / cols[ok])).astype(np.int64)
+                    exps[k] = exps[k] + step
+            bal = cls(0, tuple(exps), 0).exact_or_coarser(net)
+        # per-layer scalars: spectral norm about 1 for every layer of the neuron-balanced net
+        scaled = bal.network(net)
         wanted = []
-        for w in net.weights:
+        for w in scaled.weights:
             norm = float(np.linalg.norm(w, 2)) if min(w.shape) <= 512 else float(np.linalg.norm(w))
             wanted.append(-int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
-        exps = rescale(net, wanted).exponents
-        d = np.ones(len(net.weights) + 1)
-        for k in range(len(net.weights) - 1, -1, -1):
-            d[k] = d[k + 1] * 2.0 ** exps[k]
-        return cls(d)
+        # W^_k = W_k 2^(c_k - c_{k+1}) with block exponents c; c_{l+1} = 0 and c_k - c_{k+1} = wanted[k]
+        block = [0] * (len(scaled.weights) + 1)
+        for k in range(len(scaled.weights) - 1, -1, -1):
+            block[k] = block[k + 1] + wanted[k]
+        layered = Balancing(
+            block[0], tuple(np.full(n, block[k + 1], dtype=np.int64) for k, n in enumerate(net.hidden_sizes)), 0
+        )
+        return bal.then(layered).exact_or_coarser(net)
+
+    @classmethod
+    def equilibrating(cls, net: Network, rho: float, t: np.ndarray, per_neuron: bool = True) -> Balancing:
+        """A scaling that gives F(rho, T) a diagonal of about 1 (input block: its largest entry), which is
+        what makes a norm-wise rounding margin small relative to F's smallest eigenvalue. Without
+        `per_neuron`, one factor per layer (its largest diagonal entry): layer-tied multipliers stay tied."""
+        ts = split_multipliers(net, np.clip(t, 0.0, None))
+        if net.depth == 0:
+            return cls.identity(net)
+        diag = []
+        for k in range(net.depth + 1):
+            w = net.weights[k]
+            if k < net.depth:
+                sq = (2.0 * net.alphas[k] * net.betas[k] * ts[k]) @ (w * w)
+            else:
+                sq = -np.einsum("ij,ij->j", w, w)
+            diag.append(sq + (rho if k == 0 else 2.0 * ts[k - 1]))
+
+        def exponent(x: np.ndarray) -> np.ndarray:
+            out = np.zeros(x.shape, dtype=np.int64)
+            ok = np.isfinite(x) & (x > 0)
+            out[ok] = -np.round(0.5 * np.log2(x[ok])).astype(np.int64)
+            return out
+
+        if not per_neuron:
+            diag = [np.full(d.shape, np.max(d)) for d in diag]
+        input_exp = int(exponent(np.array([np.max(diag[0])]))[0])
+        return cls(input_exp, tuple(exponent(d) for d in diag[1:]), 0).exact_or_coarser(net)
+
+    def is_identity(self) -> bool:
+        return self.input_exp == 0 and self.output_exp == 0 and not any(np.any(e) for e in self.hidden_exps)
+
+    def then(self, other: Balancing) -> Balancing:
+        """The composition: first self, then other (exponents add)."""
+        return Balancing(
+            self.input_exp + other.input_exp,
+            tuple(a + b for a, b in zip(self.hidden_exps, other.hidden_exps)),
+            self.output_exp + other.output_exp,
+        )
+
+    def with_output_exp(self, output_exp: int) -> Balancing:
+        return replace(self, output_exp=int(output_exp))
+
+    def normalising_rho(self, rho_balanced: float) -> Balancing:
+        """The same scaling with the output exponent moved so that the balanced rho is about 1."""
+        if not (np.isfinite(rho_balanced) and rho_balanced > 0):
+            return self
+        return self.with_output_exp(self.output_exp + int(np.round(0.5 * np.log2(rho_balanced))))
+
+    # -- application ----------------------------------------------------------------------------
+    @staticmethod
+    def _scaled(w: np.ndarray, col_exp, row_exp) -> np.ndarray:
+        """diag(2^-row_exp) w diag(2^col_exp); each exponent is a scalar or one per column / row."""
+        cols = np.asarray(col_exp).reshape(1, -1) if np.ndim(col_exp) else np.asarray(col_exp)
+        rows = np.asarray(row_exp).reshape(-1, 1) if np.ndim(row_exp) else np.asarray(row_exp)
+        return np.ldexp(w, np.broadcast_to(cols - rows, w.shape))
+
+    def _exps(self, k: int, net: Network):
+        """Exponent(s) of state block k (0: input, 1..l: hidden, l + 1: output)."""
+        if k == 0:
+            return self.input_exp
+        if k <= net.depth:
+            return self.hidden_exps[k - 1]
+        return self.output_exp
+
+    def _weights(self, net: Network) -> list[np.ndarray]:
+        return [self._scaled(w, self._exps(k, net), self._exps(k + 1, net)) for k, w in enumerate(net.weights)]
+
+    def is_exact(self, net: Network) -> bool:
+        """True when every scaled weight is exactly 2^(...) times the original (no overflow, no rounding)."""
+        for k, (w, s) in enumerate(zip(net.weights, self._weights(net))):
+            back = self._scaled(s, -np.asarray(self._exps(k, net)), -np.asarray(self._exps(k + 1, net)))
+            if not (np.all(np.isfinite(s)) and np.array_equal(back, w)):
+                return False
+        return True
+
+    def exact_or_coarser(self, net: Network) -> Balancing:
+        """This scaling if it is exact, else no scaling at all (always exact)."""
+        return self if self.is_exact(net) else Balancing.identity(net)
 
     def network(self, net: Network) -> Network:
-        d = self.d
-        return replace(net, weights=tuple(w * (d[k] / d[k + 1]) for k, w in enumerate(net.weights)))
+        return replace(net, weights=tuple(self._weights(net)))
+
+    def _multiplier_shifts(self, net: Network) -> np.ndarray:
+        if not net.depth:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([2 * e - 2 * self.output_exp for e in self.hidden_exps]).astype(np.int64)
 
     def multipliers(self, net: Network, t: np.ndarray) -> np.ndarray:
-        """Original multipliers -> balanced ones."""
-        return np.asarray(t) * np.repeat(self.d[1:-1] ** 2, net.hidden_sizes) if net.depth else np.asarray(t)
+        """Original multipliers -> balanced ones (exact unless they leave the float64 range)."""
+        return np.ldexp(np.asarray(t, dtype=np.float64), self._multiplier_shifts(net)) if net.depth else np.asarray(t)
 
     def original_multipliers(self, net: Network, t_balanced: np.ndarray) -> np.ndarray:
-        return np.asarray(t_balanced) / np.repeat(self.d[1:-1] ** 2, net.hidden_sizes) if net.depth else t_balanced
+        t_balanced = np.asarray(t_balanced, dtype=np.float64)
+        return np.ldexp(t_balanced, -self._multiplier_shifts(net)) if net.depth else t_balanced
+
+    def balanced_rho(self, rho: float) -> float:
+        return float(np.ldexp(rho, 2 * self.input_exp - 2 * self.output_exp))
 
     def original_rho(self, rho_balanced: float) -> float:
-        return rho_balanced / self.d[0] ** 2
+        return float(np.ldexp(rho_balanced, 2 * self.output_exp - 2 * self.input_exp))

@@ -39,6 +39,7 @@ class IPMResult:
     iterations: int
     gap: float
     seconds: float
+    rho_lower: float | None = None  # proven lower bound on the LMI's optimal rho (from the dual iterate)
 
 
 class _Structure:
@@ -257,42 +258,101 @@ def solve_lipsdp_ipm(
     tol: float = 1e-8,
     max_iter: int = 100,
     time_limit: float | None = None,
+    restarts: int = 2,
 ) -> IPMResult:
-    """Solve min rho s.t. F(rho, t) >= 0, t >= 0 to relative gap `tol`. Returns unverified multipliers.
+    """Solve min rho s.t. F(rho, t) >= 0, t >= 0 to relative gap `tol`. Returns unverified multipliers,
+    and a proven lower bound on the optimum from the final primal (dual-matrix) iterate.
 
-    The LMI is first balanced by the block congruence D F D, D = diag(d_k I): it is the same LMI for the
-    weights W_k d_k / d_{k+1} with multipliers d_k^2 t_k and rho d_0^2, so choosing d_k / d_{k+1} = 1 / ||W_k||
-    gives unit-norm layers, which keeps deep networks well conditioned; the answer is mapped back.
+    The LMI is first balanced by an exact power-of-two diagonal congruence (`lmi.Balancing`: every neuron
+    and every layer its own factor, and the output scaled so that rho is about 1), which keeps trained and
+    ill-conditioned networks well conditioned; the answer is mapped back. When a run stalls (or breaks
+    down) it is restarted from its best multipliers, re-balanced so that F is equilibrated there.
     """
     start = time.perf_counter()
-    bal = Balancing.of(net)
+    bal = Balancing.of(net, per_neuron=per_neuron)
     try:
-        res = _solve_balanced(bal.network(net), per_neuron, tol, max_iter, time_limit, start)
-    except (np.linalg.LinAlgError, ValueError) as exc:
-        # Numerical breakdown (e.g. a factorisation of a nearly singular iterate): report it; the caller
-        # falls back to other verified multipliers.
-        log.info("interior point broke down: %s", exc)
-        return IPMResult(
-            np.zeros(net.n_neurons),
-            float("nan"),
-            "numerical_error",
-            0,
-            float("inf"),
-            time.perf_counter() - start,
-        )
-    res.multipliers = bal.original_multipliers(net, res.multipliers)
-    res.rho = bal.original_rho(res.rho)
-    return res
+        bal = bal.normalising_rho(_estimate_rho(bal.network(net)))
+    except (np.linalg.LinAlgError, ValueError):
+        pass
+    best: IPMResult | None = None
+    warm = None
+    for attempt in range(restarts + 1):
+        net_b = bal.network(net)
+        remaining = None if time_limit is None else max(time_limit - (time.perf_counter() - start), 0.0)
+        try:
+            res, x_mat = _solve_balanced(
+                net_b, per_neuron, tol, max_iter, remaining, time.perf_counter(), warm
+            )
+        except (np.linalg.LinAlgError, ValueError) as exc:
+            # Numerical breakdown (e.g. a factorisation of a nearly singular iterate): the caller falls
+            # back to other verified multipliers.
+            log.info("interior point broke down: %s", exc)
+            res, x_mat = IPMResult(np.zeros(net.n_neurons), float("nan"), "numerical_error", 0, float("inf"), 0.0), None
+        if x_mat is not None:
+            from lipsdp.dual import lower_bound_rho
+
+            lower_b = lower_bound_rho(net_b, x_mat, tied=not per_neuron)
+            res.rho_lower = bal.original_rho(lower_b) if lower_b is not None else None
+        if np.isfinite(res.rho):
+            res.multipliers = bal.original_multipliers(net, res.multipliers)
+            res.rho = bal.original_rho(res.rho)
+        res.iterations += best.iterations if best is not None else 0
+        best = res if best is None or _better(res, best) else _merge_lower(best, res)
+        if best.status in ("optimal", "time_limit") or attempt == restarts:
+            break
+        if time_limit is not None and time.perf_counter() - start > time_limit:
+            best.status = "time_limit"
+            break
+        if not np.isfinite(best.rho):
+            break
+        # restart from the best multipliers, balanced so that F is equilibrated there
+        log.info("interior point %s at rho=%.10g; restarting (%d)", res.status, best.rho, attempt + 1)
+        bal = Balancing.equilibrating(net, best.rho, best.multipliers, per_neuron=per_neuron)
+        bal = bal.normalising_rho(bal.balanced_rho(best.rho))
+        warm = bal.multipliers(net, best.multipliers)
+        best.status = res.status
+    best.seconds = time.perf_counter() - start
+    return best
+
+
+def _estimate_rho(net: Network) -> float:
+    t = sequential_multipliers(net)
+    return schur_rho(net, t) or float("nan")
+
+
+def _better(a: IPMResult, b: IPMResult) -> bool:
+    """a is a better answer than b (a lower rho; lower bounds are kept separately)."""
+    if not np.isfinite(a.rho):
+        return False
+    if not np.isfinite(b.rho):
+        return True
+    better = a.rho <= b.rho
+    if better:
+        _merge_lower(a, b)
+    return better
+
+
+def _merge_lower(keep: IPMResult, other: IPMResult) -> IPMResult:
+    """Keep the larger of two proven lower bounds on the optimum."""
+    lows = [x for x in (keep.rho_lower, other.rho_lower) if x is not None]
+    keep.rho_lower = max(lows) if lows else None
+    return keep
 
 
 def _solve_balanced(
-    net: Network, per_neuron: bool, tol: float, max_iter: int, time_limit: float | None, start: float
-) -> IPMResult:
+    net: Network,
+    per_neuron: bool,
+    tol: float,
+    max_iter: int,
+    time_limit: float | None,
+    start: float,
+    warm: np.ndarray | None = None,
+) -> tuple[IPMResult, np.ndarray | None]:
     st = _Structure(net, per_neuron)
     n, m, nl = st.n, st.m, st.n_lin
     # Dual-feasible start from the layer-by-layer multipliers: Z = C - A'(y) stays exactly equal to
     # F(rho, t) at every iterate (recomputed, never updated), so every iterate is a valid certificate.
-    t0 = sequential_multipliers(net)
+    t0 = sequential_multipliers(net) if warm is None else np.asarray(warm, dtype=np.float64)
     if not per_neuron:
         t0 = np.array([seg[0] for seg in np.split(t0, np.cumsum(net.hidden_sizes)[:-1])])
     t0 = np.maximum(t0, 1e-12 * max(1.0, float(np.max(t0, initial=0.0))))
@@ -304,7 +364,7 @@ def _solve_balanced(
             break
         y[0] *= 2.0
     else:
-        return IPMResult(np.zeros(net.n_neurons), float("nan"), "no_feasible_start", 0, float("inf"), 0.0)
+        return IPMResult(np.zeros(net.n_neurons), float("nan"), "no_feasible_start", 0, float("inf"), 0.0), None
     z_lin = y[1:].copy()
     xi = max(10.0, np.sqrt(n))
     x_mat = xi * np.eye(n)
@@ -396,4 +456,4 @@ def _solve_balanced(
     mult = np.clip(y[1:], 0.0, None)
     if not per_neuron:
         mult = np.repeat(mult, st.layer_sizes)
-    return IPMResult(mult, float(y[0]), status, it, float(gap), time.perf_counter() - start)
+    return IPMResult(mult, float(y[0]), status, it, float(gap), time.perf_counter() - start), x_mat
