@@ -29,7 +29,7 @@ def reference(net):
 @pytest.mark.parametrize("solver", ["clarabel", "scs"])
 def test_time_limit_still_gives_a_verified_bound(net, reference, solver):
     optimal, lower = reference
-    res = lipsdp.estimate(net, "layer", solver=solver, time_limit=1e-4)
+    res = lipsdp.estimate(net, "layer", solver=solver, time_limit=1e-12)  # no solve is that fast
     assert res.verified and np.isfinite(res.upper)
     assert res.upper >= optimal * (1 - 1e-6) and res.upper >= lower
     assert res.status != "optimal"
