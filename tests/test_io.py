@@ -191,7 +191,7 @@ def test_empty_file(tmp_path, suffix):
 def test_unknown_suffix(tmp_path):
     path = tmp_path / "model.h5"
     path.write_bytes(b"\x89HDF")
-    with pytest.raises(ModelLoadError, match=r"\.npz, \.mat and \.onnx"):
+    with pytest.raises(ModelLoadError, match=r"\.npz, \.mat, \.onnx"):
         load_network(path)
 
 

@@ -101,6 +101,8 @@ def estimate(
     region   `lipsdp.Box(low, high)` or `lipsdp.Ball(center, eps)`: a bound valid for inputs in the region
              only (slopes tightened by interval bound propagation); `lower` then searches the region
     input_shape  (C, H, W) of one sample, for torch models with convolutions
+    nnet_units   for .nnet files: 'normalized' (default, the file's network) or 'raw' (the bound in the
+             units of the raw inputs and outputs: the file's normalisation folded into the weights)
     """
     start = time.perf_counter()
     get_method(method)  # fail fast on unknown names
@@ -108,7 +110,7 @@ def estimate(
         raise LipSDPError(f"workers must be a positive integer, got {workers!r}")
     if dask is not None and executor is None:
         executor = dask_executor(dask)
-    loader_opts = {k: options.pop(k) for k in ("input_shape",) if k in options}
+    loader_opts = {k: options.pop(k) for k in ("input_shape", "nnet_units") if k in options}
     net = load_network(model, **loader_opts)
     method_opts = dict(options, solver=solver, seed=seed)
     notes: list[str] = []

@@ -1,6 +1,6 @@
 """Loaders: turn a model object or file into a `Network`.
 
-`load_network(model)` accepts a Network, a torch module, or a path (.npz, .mat, .onnx).
+`load_network(model)` accepts a Network, a torch module, or a path (.npz, .mat, .onnx, .onnx.gz, .nnet).
 Files parsed by C extensions go through `run_isolated` (a child process with memory and time limits).
 """
 
@@ -13,6 +13,8 @@ from lipsdp.errors import ModelLoadError
 from lipsdp.io.isolation import run_isolated
 from lipsdp.network import Network
 
+SUPPORTED_FILES = ".npz, .mat, .onnx, .onnx.gz and .nnet"
+
 
 def load_network(model: Any, **options: Any) -> Network:
     """Dispatch on the model's type (or file suffix) to the right loader."""
@@ -23,8 +25,8 @@ def load_network(model: Any, **options: Any) -> Network:
         if not path.exists():
             raise ModelLoadError(f"model file not found: {path}")
         if path.is_dir():
-            raise ModelLoadError(f"{path} is a directory; give a model file (.npz, .mat, .onnx)")
-        suffix = path.suffix.lower()
+            raise ModelLoadError(f"{path} is a directory; give a model file ({SUPPORTED_FILES})")
+        suffix = ".onnx.gz" if path.name.lower().endswith(".onnx.gz") else path.suffix.lower()
         if suffix == ".npz":
             from lipsdp.io.arrays import load_npz
 
@@ -33,10 +35,15 @@ def load_network(model: Any, **options: Any) -> Network:
             from lipsdp.io.arrays import load_mat
 
             return run_isolated(load_mat, path, preload=("scipy.io",))  # scipy / HDF5 parse in C
-        if suffix == ".onnx":
+        if suffix in (".onnx", ".onnx.gz"):
             from lipsdp.io.onnx_model import load_onnx
 
-            return run_isolated(load_onnx, path, preload=("onnx",), **options)  # protobuf parses in C
+            # protobuf parses in C
+            return run_isolated(load_onnx, path, preload=("onnx", "onnx.reference"), **options)
+        if suffix == ".nnet":
+            from lipsdp.io.nnet import load_nnet
+
+            return load_nnet(path, **options)  # plain text, parsed in Python
         if suffix in (".pt", ".pth", ".ckpt", ".pkl"):
             raise ModelLoadError(
                 f"{path}: lipsdp does not read pickled torch files (loading one can run code, and a state_dict "
@@ -44,7 +51,7 @@ def load_network(model: Any, **options: Any) -> Network:
                 "rebuild the nn.Sequential, and pass the module to lipsdp.estimate"
             )
         raise ModelLoadError(
-            f"{path}: unsupported file type '{suffix or '(none)'}'; lipsdp reads .npz, .mat and .onnx files "
+            f"{path}: unsupported file type '{suffix or '(none)'}'; lipsdp reads {SUPPORTED_FILES} files "
             "(save a torch model with lipsdp.io.save_npz or export it to ONNX)"
         )
     try:
@@ -57,5 +64,5 @@ def load_network(model: Any, **options: Any) -> Network:
         return from_torch(model, **options)
     raise ModelLoadError(
         f"cannot read a model of type {type(model).__name__}; give a lipsdp.Network, a torch.nn.Module, "
-        "or a path to a .npz, .mat or .onnx file"
+        f"or a path to a model file ({SUPPORTED_FILES})"
     )

@@ -1,10 +1,17 @@
 """ONNX files -> Network: a chain graph of affine operations and elementwise activations.
 
-Affine: Gemm, MatMul (weight as second input), Add/Sub/Mul/Div by a constant, Conv and AveragePool /
-GlobalAveragePool (unrolled to matrices with the input shape of the graph), BatchNormalization (folded
-into the neighbouring affine map), Flatten / Reshape (the flat vector is unchanged in C order), Identity,
-Dropout. Activations: Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus. Anything else, or a graph that
-branches, raises an error naming the node.
+Files: `.onnx` and gzip-compressed `.onnx.gz`, with external tensor data beside the model. Before the
+walk, `onnx_graph.prepare` fixes the batch dimension to 1, runs shape inference and folds every constant
+subgraph (Constant nodes, shape computations such as Shape -> Gather -> Concat -> Reshape, weight
+normalisation), so a graph that only looks branched because of them reads as the chain it is.
+
+Affine: Gemm, MatMul (weight as second input; a batch of one, including MATLAB-style (1, 1, 1, n)
+inputs), Add/Sub/Mul/Div by a constant, Conv and AveragePool / GlobalAveragePool (unrolled to matrices
+with the input shape of the graph), BatchNormalization (folded into the neighbouring affine map).
+Data movement: Flatten, Reshape, Squeeze, Unsqueeze (the order of the entries is unchanged), Transpose
+(a permutation, e.g. from a Keras channels-last model, folded exactly into the next dense or conv
+weights, see `layout.Layout`), Identity, Dropout. Activations: Relu, LeakyRelu, Tanh, Sigmoid, Elu,
+Softplus. Anything else, or a graph that branches (residual connections), raises an error naming the node.
 """
 
 from __future__ import annotations
@@ -18,14 +25,28 @@ import numpy as np
 from lipsdp.activations import activation
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.io.chain import ChainBuilder
+from lipsdp.io.layout import Layout
 from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix, conv_output_size, same_padding
 from lipsdp.network import Network
 
 SUPPORTED_OPS = (
     "Gemm, MatMul, Add, Sub, Mul, Div (by constants), Conv, AveragePool, GlobalAveragePool, "
-    "BatchNormalization, Flatten, Reshape, Identity, Dropout, Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus"
+    "BatchNormalization, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Relu, LeakyRelu, "
+    "Tanh, Sigmoid, Elu, Softplus"
 )
 _ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus"}
+_HINTS = {
+    "MaxPool": "max pooling is not an elementwise slope-restricted map and lipsdp does not support it yet; "
+    "replace it by AveragePool or a strided Conv",
+    "GlobalMaxPool": "max pooling is not an elementwise slope-restricted map; lipsdp does not support it yet",
+    "Softmax": "drop the final softmax and bound the logits (certified radii use logit margins)",
+    "LogSoftmax": "drop the final log-softmax and bound the logits",
+    "Concat": "concatenating computed tensors makes the graph branch; residual and branching graphs are not "
+    "supported yet",
+    "If": "data-dependent control flow is not a fixed chain of layers",
+    "Loop": "data-dependent control flow is not a fixed chain of layers",
+}
+_MAX_KRON = 50_000_000  # entries of the block-diagonal matrix of a MatMul over several rows
 
 
 def _attributes(node: Any) -> dict[str, Any]:
@@ -41,50 +62,21 @@ def _describe(node: Any, index: int) -> str:
 class _OnnxChain:
     """Walks the nodes of a chain graph, tracking the per-sample shape, and feeds a ChainBuilder."""
 
-    def __init__(self, path: Path, graph: Any, input_shape: tuple[int, ...] | None) -> None:
-        from onnx import numpy_helper
-
+    def __init__(self, path: Path, prepared: Any) -> None:
         self.path = path
         self.builder = ChainBuilder(str(path))
-        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in self.consts]
-        if len(inputs) != 1:
-            raise UnsupportedLayerError(
-                f"{path}: the graph has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); lipsdp reads "
-                "single-input chain graphs"
-            )
+        self.consts: dict[str, np.ndarray] = dict(prepared.consts)
+        graph = prepared.graph
         if len(graph.output) != 1:
             raise UnsupportedLayerError(
                 f"{path}: the graph has {len(graph.output)} outputs ({', '.join(o.name for o in graph.output)}); "
                 "lipsdp reads chain graphs with one output"
             )
-        self.current = inputs[0].name
+        self.current = prepared.input_name
         self.output = graph.output[0].name
-        self.batched, self.shape = self._input_shape(inputs[0], input_shape)
-        self.builder.size = math.prod(self.shape)
-
-    def _input_shape(self, value: Any, given: tuple[int, ...] | None) -> tuple[bool, tuple[int, ...]]:
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        if not dims:
-            if given is None:
-                raise ModelLoadError(f"{self.path}: the graph input has no declared shape; pass input_shape")
-            return True, tuple(int(v) for v in given)
-        batched = len(dims) >= 2
-        sample = dims[1:] if batched else dims
-        if given is not None:
-            given = tuple(int(v) for v in given)
-            if len(given) != len(sample) or any(d is not None and d != g for d, g in zip(sample, given)):
-                raise ModelLoadError(
-                    f"{self.path}: input_shape {given} does not match the graph's input shape {tuple(sample)} "
-                    "(per sample, without the batch dimension)"
-                )
-            return batched, given
-        if any(d is None or d < 1 for d in sample):
-            raise ModelLoadError(
-                f"{self.path}: the graph input has symbolic sizes {tuple(sample)} besides the batch dimension; "
-                "pass input_shape=(C, H, W)"
-            )
-        return batched, tuple(sample)
+        # The data tensor for one sample (batch dimension 1), and its order relative to the flat vector.
+        self.layout = Layout(prepared.input_shape)
+        self.builder.size = self.layout.size
 
     # -- helpers --------------------------------------------------------------------------------
     def const(self, name: str, where: str) -> np.ndarray:
@@ -92,14 +84,29 @@ class _OnnxChain:
             raise UnsupportedLayerError(f"{where}: input '{name}' must be a constant (initializer)")
         return np.asarray(self.consts[name], dtype=np.float64)
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The data tensor's shape (batch dimension 1 included)."""
+        return self.layout.shape
+
     def image(self, where: str) -> tuple[int, int, int]:
-        if len(self.shape) != 3:
-            raise UnsupportedLayerError(f"{where}: needs an (N, C, H, W) input, but the tensor has per-sample shape {self.shape}")
-        return self.shape  # type: ignore[return-value]
+        if len(self.shape) != 4 or self.shape[0] != 1:
+            raise UnsupportedLayerError(f"{where}: needs an (N, C, H, W) input, but the tensor has shape {self.shape}")
+        return self.shape[1:]  # type: ignore[return-value]
+
+    def dense(self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str) -> None:
+        """A dense map of the tensor (C order); its output is a fresh tensor of `shape`."""
+        self.builder.affine(self.layout.columns(matrix), bias, where)
+        self.layout.settle(shape)
+
+    def diagonal(self, scale: np.ndarray, shift: np.ndarray | None, where: str) -> None:
+        """x -> scale * x + shift entry by entry (C order of the tensor); the tensor keeps its shape and order."""
+        vector = self.layout.vector
+        self.builder.affine(vector(scale), None if shift is None else vector(shift), where)
 
     def broadcast(self, value: np.ndarray, where: str) -> np.ndarray:
         """A constant broadcast against one sample, flattened (refuses constants that would grow the tensor)."""
-        full = ((1,) if self.batched else ()) + self.shape
+        full = self.shape
         try:
             out = np.broadcast_to(value, full)
         except ValueError:
@@ -127,17 +134,9 @@ class _OnnxChain:
                     raise UnsupportedLayerError(f"{where}: bias C of shape {c.shape} is not per output feature")
                 bias = float(attrs.get("beta", 1.0)) * np.broadcast_to(c.reshape(-1), (weight.shape[0],))
             self.flat(where)
-            b.affine(weight, bias, where)
-            self.shape = (weight.shape[0],)
+            self.dense(weight, bias, (1, weight.shape[0]), where)
         elif op == "MatMul":
-            if data != [node.input[0]]:
-                raise UnsupportedLayerError(f"{where}: the data must be the first input (x @ W)")
-            weight = self.const(node.input[1], where)
-            if weight.ndim != 2:
-                raise UnsupportedLayerError(f"{where}: weight of shape {weight.shape} is not a matrix")
-            self.flat(where)
-            b.affine(weight.T, None, where)
-            self.shape = (weight.shape[1],)
+            self.matmul(node, data, where)
         elif op in ("Add", "Sub", "Mul", "Div"):
             self.elementwise(op, node, data, where)
         elif op == "Conv":
@@ -150,14 +149,24 @@ class _OnnxChain:
             scale, bias, mean, var = (self.const(name, where) for name in node.input[1:5])
             factor = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
             shift = bias - mean * factor
-            per_channel = math.prod(self.shape[1:])
-            b.affine(np.repeat(factor, per_channel), np.repeat(shift, per_channel), where)
+            if len(self.shape) < 2 or self.shape[1] != factor.size:
+                raise UnsupportedLayerError(
+                    f"{where}: {factor.size} channels, but the input has shape {self.shape} (channels on axis 1)"
+                )
+            per_channel = math.prod(self.shape[2:])
+            self.diagonal(np.repeat(factor, per_channel), np.repeat(shift, per_channel), where)
         elif op == "Flatten":
-            if self.batched and attrs.get("axis", 1) != 1:
-                raise UnsupportedLayerError(f"{where}: only axis=1 (keep the batch dimension) is supported")
-            self.shape = (math.prod(self.shape),)
+            axis = int(attrs.get("axis", 1))
+            axis = axis + len(self.shape) if axis < 0 else axis
+            if not 0 <= axis <= len(self.shape):
+                raise UnsupportedLayerError(f"{where}: axis {attrs.get('axis')} is out of range for shape {self.shape}")
+            self.layout.reshape((math.prod(self.shape[:axis]), math.prod(self.shape[axis:])), where)
         elif op == "Reshape":
-            self.reshape(node, where)
+            self.reshape(node, attrs, where)
+        elif op in ("Squeeze", "Unsqueeze"):
+            self.squeeze(node, attrs, where)
+        elif op == "Transpose":
+            self.layout.transpose(attrs.get("perm", range(len(self.shape) - 1, -1, -1)), where)
         elif op in ("Identity", "Dropout"):
             pass
         elif op in _ACTIVATIONS:
@@ -167,13 +176,59 @@ class _OnnxChain:
         elif op == "Elu":
             b.activation(activation("elu", float(attrs.get("alpha", 1.0))))
         else:
+            hint = f" ({_HINTS[op]})" if op in _HINTS else ""
             raise UnsupportedLayerError(
-                f"{self.path}: {where} is not supported; lipsdp reads chain graphs of {SUPPORTED_OPS}"
+                f"{self.path}: {where} is not supported{hint}; lipsdp reads chain graphs of {SUPPORTED_OPS}"
             )
 
     def flat(self, where: str) -> None:
-        if len(self.shape) != 1:
-            raise UnsupportedLayerError(f"{where}: receives per-sample shape {self.shape}; flatten it first")
+        """Gemm needs a (1, n) matrix; a batch of one with size-1 axes, (1, 1, 1, n) as MATLAB exports, is one."""
+        if len(self.shape) < 1 or math.prod(self.shape[:-1]) != 1:
+            raise UnsupportedLayerError(f"{where}: receives a tensor of shape {self.shape}; flatten it first")
+
+    def matmul(self, node: Any, data: list[str], where: str) -> None:
+        """x @ W on the last axis; over several rows (tokens, a batch of one with extra axes) block-diagonal."""
+        if data != [node.input[0]]:
+            raise UnsupportedLayerError(f"{where}: the data must be the first input (x @ W)")
+        weight = self.const(node.input[1], where)
+        if weight.ndim != 2:
+            raise UnsupportedLayerError(f"{where}: weight of shape {weight.shape} is not a matrix")
+        if not self.shape or self.shape[-1] != weight.shape[0]:
+            raise UnsupportedLayerError(f"{where}: x of shape {self.shape} cannot multiply a {weight.shape} weight")
+        rows = math.prod(self.shape[:-1])
+        if rows * rows * weight.size > _MAX_KRON:
+            raise UnsupportedLayerError(
+                f"{where}: x @ W over {rows} rows would be a {rows * weight.shape[1]} x {rows * weight.shape[0]} "
+                "matrix; too large to unroll"
+            )
+        matrix = weight.T if rows == 1 else np.kron(np.eye(rows), weight.T)
+        self.dense(matrix, None, self.shape[:-1] + (weight.shape[1],), where)
+
+    def squeeze(self, node: Any, attrs: dict[str, Any], where: str) -> None:
+        """Squeeze / Unsqueeze: axes from the attribute (opset < 13) or the constant second input."""
+        axes: Any = attrs.get("axes")
+        if len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1], where).astype(np.int64).reshape(-1).tolist()
+        shape = list(self.shape)
+        if node.op_type == "Squeeze":
+            if axes is None:
+                new = [d for d in shape if d != 1]
+            else:
+                drop = {int(a) + len(shape) if int(a) < 0 else int(a) for a in axes}
+                if any(not 0 <= a < len(shape) or shape[a] != 1 for a in drop):
+                    raise UnsupportedLayerError(f"{where}: cannot squeeze axes {list(axes)} of shape {self.shape}")
+                new = [d for i, d in enumerate(shape) if i not in drop]
+        else:
+            if axes is None:
+                raise UnsupportedLayerError(f"{where}: Unsqueeze without axes")
+            rank = len(shape) + len(axes)
+            insert = sorted(int(a) + rank if int(a) < 0 else int(a) for a in axes)
+            if any(not 0 <= a < rank for a in insert) or len(set(insert)) != len(insert):
+                raise UnsupportedLayerError(f"{where}: cannot unsqueeze axes {list(axes)} of shape {self.shape}")
+            new = shape
+            for a in insert:
+                new = new[:a] + [1] + new[a:]
+        self.layout.reshape(tuple(new), where)
 
     def elementwise(self, op: str, node: Any, data: list[str], where: str) -> None:
         first = node.input[0] == data[0]
@@ -181,15 +236,15 @@ class _OnnxChain:
         c = self.broadcast(self.const(other, where), where)
         ones = np.ones_like(c)
         if op == "Add":
-            self.builder.affine(ones, c, where)
+            self.diagonal(ones, c, where)
         elif op == "Sub":
-            self.builder.affine(ones if first else -ones, -c if first else c, where)
+            self.diagonal(ones if first else -ones, -c if first else c, where)
         elif op == "Mul":
-            self.builder.affine(c, None, where)
+            self.diagonal(c, None, where)
         elif first:  # Div by a constant
             if np.any(c == 0):
                 raise UnsupportedLayerError(f"{where}: division by zero in the constant")
-            self.builder.affine(1.0 / c, None, where)
+            self.diagonal(1.0 / c, None, where)
         else:
             raise UnsupportedLayerError(f"{where}: dividing a constant by the data is not an affine map")
 
@@ -219,18 +274,18 @@ class _OnnxChain:
             raise UnsupportedLayerError(f"{where}: only 2-D convolutions are supported (kernel shape {weight.shape})")
         dilation = tuple(attrs.get("dilations", (1, 1)))
         strides, pads = self._window(attrs, weight.shape[2:], dilation, where)
-        matrix, self.shape = conv2d_matrix(
+        matrix, shape = conv2d_matrix(
             weight, self.image(where), stride=strides, padding=pads, dilation=dilation, groups=int(attrs.get("group", 1))
         )
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = np.repeat(self.const(node.input[2], where), self.shape[1] * self.shape[2])
-        self.builder.affine(matrix, bias, where)
+            bias = np.repeat(self.const(node.input[2], where), shape[1] * shape[2])
+        self.dense(matrix, bias, (1, *shape), where)
 
     def avgpool(self, node: Any, attrs: dict[str, Any], where: str) -> None:
         shape = self.image(where)
         if node.op_type == "GlobalAveragePool":
-            matrix, self.shape = avgpool2d_matrix(shape, shape[1:], stride=1)
+            matrix, out = avgpool2d_matrix(shape, shape[1:], stride=1)
         else:
             kernel = tuple(attrs["kernel_shape"])
             strides, pads = self._window(attrs, kernel, (1, 1), where)
@@ -241,29 +296,34 @@ class _OnnxChain:
                 ]
                 if floor != ceil:
                     raise UnsupportedLayerError(f"{where}: ceil_mode=1 with partial windows is not supported")
-            matrix, self.shape = avgpool2d_matrix(
+            matrix, out = avgpool2d_matrix(
                 shape, kernel, stride=strides, padding=pads, count_include_pad=bool(attrs.get("count_include_pad", 0))
             )
-        self.builder.affine(matrix, None, where)
+        self.dense(matrix, None, (1, *out), where)
 
-    def reshape(self, node: Any, where: str) -> None:
+    def reshape(self, node: Any, attrs: dict[str, Any], where: str) -> None:
+        """ONNX Reshape on the whole tensor (batch of one): 0 copies the input's size (unless allowzero), -1 infers."""
         target = [int(v) for v in self.const(node.input[1], where).reshape(-1)]
         size = math.prod(self.shape)
-        if self.batched:
-            if not target or target[0] not in (0, -1, 1):
-                raise UnsupportedLayerError(f"{where}: reshape to {target} does not keep the batch dimension first")
-            full = (None,) + self.shape
-            rest = [full[i + 1] if v == 0 and i + 1 < len(full) else v for i, v in enumerate(target[1:])]
-            if target[0] == -1 and -1 in rest:
-                raise UnsupportedLayerError(f"{where}: reshape to {target} does not keep the batch dimension first")
-        else:
-            rest = [self.shape[i] if v == 0 and i < len(self.shape) else v for i, v in enumerate(target)]
+        allowzero = bool(attrs.get("allowzero", 0))
+        rest = [self.shape[i] if v == 0 and not allowzero and i < len(self.shape) else v for i, v in enumerate(target)]
         known = math.prod(v for v in rest if v != -1)
         if rest.count(-1) == 1 and known > 0 and size % known == 0:
             rest = [size // known if v == -1 else v for v in rest]
-        if any(v is None or v < 1 for v in rest) or math.prod(rest) != size:
-            raise UnsupportedLayerError(f"{where}: reshape to {target} does not keep the per-sample size {size}")
-        self.shape = tuple(rest)
+        if any(v < 1 for v in rest) or math.prod(rest) != size:
+            raise UnsupportedLayerError(f"{where}: reshape of shape {self.shape} to {target} does not keep its {size} entries")
+        self.layout.reshape(tuple(rest), where)
+
+
+def _merge_node(graph: Any, start: int, prepared: Any, consts: dict[str, np.ndarray]) -> str:
+    """' and node N (Add) merges the branches (...)' for the first later node reading two computed tensors."""
+    for index in range(start, len(graph.node)):
+        node = graph.node[index]
+        data = [name for name in node.input if name and name not in consts]
+        if len(data) > 1:
+            kind = " (a residual connection)" if node.op_type in ("Add", "Sum", "Sub") else ""
+            return f", and {_describe(node, prepared.position(node, index))} merges them{kind}"
+    return ""
 
 
 def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, **_: Any) -> Network:
@@ -274,55 +334,48 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, *
     naming the node for operations or graph shapes lipsdp cannot read.
     """
     try:
-        import onnx
+        import onnx  # noqa: F401 - only to give a clear error when the extra is missing
     except ImportError:
         raise ModelLoadError("reading .onnx files needs the onnx extra: pip install 'lipsdp[onnx]'") from None
+    from lipsdp.io.onnx_graph import prepare, read_model
+
     path = Path(path)
-    try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
-    except Exception as exc:  # noqa: BLE001 - protobuf and checker raise many types
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})"[:600]) from None
-    graph = model.graph
-    if not graph.node:
+    model = read_model(path)
+    if not model.graph.node:
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
-    chain = _OnnxChain(path, graph, input_shape)
+    prepared = prepare(model, str(path), input_shape)
+    graph = prepared.graph
+    chain = _OnnxChain(path, prepared)
     consumers: dict[str, int] = {}
     readers: dict[str, list[str]] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
-            readers.setdefault(name, []).append(_describe(node, index))
+            readers.setdefault(name, []).append(_describe(node, prepared.position(node, index)))
     for index, node in enumerate(graph.node):
-        where = _describe(node, index)
-        if node.op_type == "Constant":
-            from onnx import numpy_helper
-
-            attrs = {a.name: a for a in node.attribute}
-            if "value" not in attrs:
-                raise UnsupportedLayerError(f"{path}: {where}: only tensor-valued Constant nodes are supported")
-            chain.consts[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
-            continue
+        where = _describe(node, prepared.position(node, index))
         data = [name for name in node.input if name and name not in chain.consts]
-        if not data and node.op_type == "Identity":  # exporters alias shared weights this way
-            chain.consts[node.output[0]] = chain.consts[node.input[0]]
-            continue
-        if not data:
-            raise UnsupportedLayerError(f"{path}: {where} computes on constants only; fold constants before export")
+        if not data:  # left unfolded: the reference evaluator could not run it
+            raise UnsupportedLayerError(
+                f"{path}: {where} computes on constants only, and lipsdp could not evaluate it; fold constants "
+                "before export (e.g. onnxsim)"
+            )
         if len(data) > 1:
             raise UnsupportedLayerError(
-                f"{path}: {where} combines computed tensors {data}: the graph branches (e.g. a residual "
-                "connection); lipsdp reads chain graphs only"
+                f"{path}: {where} combines the computed tensors {data}: the graph branches (a residual connection "
+                "or another merge of branches); residual and branching graphs are not supported yet, lipsdp reads "
+                "chain graphs only"
             )
         if data[0] != chain.current:
             raise UnsupportedLayerError(
                 f"{path}: {where} reads '{data[0]}', not the output of the previous layer: the graph is not a chain"
             )
         if consumers.get(chain.current, 0) > 1 or chain.current == chain.output:
+            merge = _merge_node(graph, index, prepared, chain.consts)
             raise UnsupportedLayerError(
                 f"{path}: tensor '{chain.current}' feeds several nodes ({', '.join(readers.get(chain.current, []))})"
-                " or is also a graph output: the graph branches (e.g. a residual connection); lipsdp reads chain "
-                "graphs only"
+                f" or is also a graph output: the graph branches{merge}; residual and branching graphs are not "
+                "supported yet, lipsdp reads chain graphs only"
             )
         chain.add(index, node, data)
         extra = [o for o in node.output[1:] if o and consumers.get(o, 0)]
@@ -333,4 +386,7 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, *
         raise UnsupportedLayerError(
             f"{path}: the graph output '{chain.output}' is not the end of the node chain ('{chain.current}')"
         )
+    permutation = chain.layout.output_permutation()
+    if permutation is not None:  # a Transpose at the very end: the only place a permutation becomes a matrix
+        chain.builder.affine(permutation, None, "the final Transpose")
     return chain.builder.build()
