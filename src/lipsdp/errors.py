@@ -27,3 +27,7 @@ class SolverError(LipSDPError):
 
 class VerificationError(LipSDPError):
     """No verified upper bound could be produced."""
+
+
+class CertificateError(LipSDPError):
+    """A certificate file cannot be read or is not a lipsdp certificate."""
