@@ -17,6 +17,7 @@ ops on constants in their own precision (float32 for float32 weights), as onnxru
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def read_model(path: str | Path) -> Any:
                 raise ModelLoadError(f"{where}: larger than 2 GiB; keep large weights in external data files")
     except ModelLoadError:
         raise
-    except (OSError, EOFError, ValueError) as exc:  # gzip raises BadGzipFile (an OSError) and EOFError
+    except (OSError, EOFError, ValueError, zlib.error) as exc:  # gzip: BadGzipFile (OSError), EOFError, zlib
         raise ModelLoadError(f"{where}: cannot read the file ({type(exc).__name__}: {exc})"[:600]) from None
     try:
         model = onnx.load_model_from_string(data)

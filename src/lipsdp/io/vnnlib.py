@@ -19,6 +19,7 @@ output conditions (thresholds, several comparisons per disjunct) are kept as lin
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,7 +251,7 @@ def read_vnnlib(path: str | Path) -> VnnlibProperty:
         else:
             with open(path, "rb") as fh:
                 raw = fh.read(MAX_BYTES + 1)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ModelLoadError(f"{where}: cannot read the property file ({exc})") from None
     if len(raw) > MAX_BYTES:
         raise ModelLoadError(f"{where}: larger than {MAX_BYTES // 2**20} MiB; not a VNN-LIB property lipsdp reads")
