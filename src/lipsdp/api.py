@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from lipsdp.io import load_network
 from lipsdp.methods import MethodOutput, get_method
 from lipsdp.network import Network
 from lipsdp.parallel import dask_executor, run_all
+from lipsdp.proof import Proof, Step, network_record, write_certificate
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Result:
     notes: tuple[str, ...] = ()
     multipliers: np.ndarray | None = field(default=None, repr=False, compare=False)
     lower_point: np.ndarray | None = field(default=None, repr=False, compare=False)
+    proof: Proof | None = field(default=None, repr=False, compare=False)
 
     @property
     def ratio(self) -> float | None:
@@ -59,9 +61,34 @@ class Result:
         data = asdict(self)
         data.pop("multipliers")
         data.pop("lower_point")
+        data.pop("proof")
         data["notes"] = list(self.notes)
         data["ratio"] = self.ratio
         return data
+
+    def save_certificate(self, path: str | Path) -> Path:
+        """Write this bound's proof to `path` as a JSON certificate (every number an exact hex float) that
+        `lipsdp verify CERT MODEL` / `lipsdp.verify` re-proves independently. Returns the path."""
+        if self.proof is None or self.proof.network is None:
+            raise LipSDPError(
+                "this result carries no proof to save (a plug-in method without one, or a custom region type); "
+                "use a built-in method and a lipsdp.Box / lipsdp.Ball region"
+            )
+        try:
+            return write_certificate(path, self.proof, self.upper, self.method)
+        except OSError as exc:
+            raise LipSDPError(f"cannot write the certificate to {path}: {exc}") from None
+
+
+def _region_record(region: Any) -> dict[str, Any] | None:
+    """The region as plain arrays for a proof (None for a region type other than Box / Ball)."""
+    from lipsdp.region import Ball, Box
+
+    if isinstance(region, Box):
+        return {"kind": "box", "low": np.array(region.low), "high": np.array(region.high)}
+    if isinstance(region, Ball):
+        return {"kind": "ball", "center": np.array(region.center), "eps": float(region.eps)}
+    return None
 
 
 def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOutput:
@@ -112,18 +139,26 @@ def estimate(
         executor = dask_executor(dask)
     loader_opts = {k: options.pop(k) for k in ("input_shape", "nnet_units") if k in options}
     net = load_network(model, **loader_opts)
+    user_net = net
     method_opts = dict(options, solver=solver, seed=seed)
     notes: list[str] = []
+    steps: list[Step] = []  # the exact transforms from the user's network to the one bounded (for the proof)
+    provable = True
     if region is not None:
         from lipsdp.region import localize
 
         local = localize(net, region)
         net, region = local.network, local.region
         notes.append(local.note())
+        record = _region_record(region)
+        provable = record is not None
+        steps.append(Step("localize", keep=tuple(tuple(int(i) for i in k) for k in local.kept), region=record,
+                          zeroed=tuple(local.zeroed)))
     if pair is not None:
         from lipsdp.robustness import pair_network
 
         net = pair_network(net, pair)
+        steps.append(Step("pair", pair=(int(pair[0]), int(pair[1]))))
         notes.append(f"pair ({pair[0]}, {pair[1]}): bound of the logit difference f_{pair[0]} - f_{pair[1]}")
     if split is not None and split < len(net.weights):
         pieces = net.split(split)
@@ -142,11 +177,19 @@ def estimate(
             notes.extend(f"piece {i + 1}: {n}" for n in o.notes)
         status = "ok" if all(o.status in ("ok", "optimal") for o in outputs) else ",".join(o.status for o in outputs)
         out = MethodOutput(upper, raw, status, outputs[0].certificate, None, notes, outputs[0].solver)
+        if all(o.proof is not None for o in outputs):
+            out.proof = Proof(
+                "split", tuple(steps), split=int(split), lipschitz=tuple(boundary),
+                pieces=tuple(o.proof for o in outputs),
+            )
         n_pieces = len(pieces)
     else:
         out = _bound_piece(net, method, method_opts)
         notes.extend(out.notes)
+        if out.proof is not None:
+            out.proof = out.proof.after(*steps)
         n_pieces = 1
+    proof = replace(out.proof, network=network_record(user_net)) if provable and out.proof is not None else None
     lower_value = lower_point = None
     if lower:
         from lipsdp.lower import lower_bound
@@ -173,6 +216,7 @@ def estimate(
         notes=tuple(notes),
         multipliers=out.multipliers,
         lower_point=lower_point,
+        proof=proof,
     )
 
 

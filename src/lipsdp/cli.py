@@ -143,6 +143,13 @@ def estimate(
     ] = None,
     budget: Annotated[float | None, typer.Option(help="time budget in seconds (method anytime)")] = None,
     dask: Annotated[str | None, typer.Option(help="address of a Dask scheduler to run on")] = None,
+    certificate: Annotated[
+        Path | None,
+        typer.Option(
+            "--certificate", metavar="DIR",
+            help="write one JSON certificate per model into DIR (re-check it with `lipsdp verify CERT MODEL`)",
+        ),
+    ] = None,
 ) -> None:
     """Bound the Lipschitz constant of one or more models (in parallel over models with --workers)."""
     from rich.progress import Progress
@@ -157,8 +164,14 @@ def estimate(
     done: dict[int, object] = {}
     failed: list[int] = []
     show_progress = len(paths) > 1 and not as_json and console.is_terminal
+    cert_paths = _certificate_paths(certificate, paths) if certificate is not None else None
 
     def finished(index: int, res) -> None:
+        if cert_paths is not None and not isinstance(res, LipSDPError):
+            try:
+                res.save_certificate(cert_paths[index])
+            except LipSDPError as exc:
+                res = type(exc)(f"{paths[index]}: {exc}")
         if isinstance(res, LipSDPError):  # one bad model: one error line, the others go on
             failed.append(index)
             err_console.print(f"[bold red]error:[/] {escape(str(res))}", highlight=False, soft_wrap=True)
@@ -203,6 +216,45 @@ def estimate(
                 console.print(f"[dim]{escape(labels[i])}: {escape(note)}[/]", highlight=False)
     if failed:  # every other model's result is printed (and in --out); the exit code says not all are
         raise typer.Exit(2)
+
+
+def _certificate_paths(folder: Path, paths: Sequence[Path]) -> list[Path]:
+    """DIR/<model stem>.cert.json per model (with -1, -2, ... where two models share a stem)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--certificate: cannot create the folder {folder} ({exc})")
+    stems = [Path(p).stem for p in paths]
+    return [
+        folder / (f"{stem}.cert.json" if stems.count(stem) == 1 else f"{stem}-{i}.cert.json")
+        for i, stem in enumerate(stems)
+    ]
+
+
+@app.command()
+def verify(
+    cert: Annotated[Path, typer.Argument(help="certificate file written by `lipsdp estimate --certificate`")],
+    model: Annotated[Path, typer.Argument(help="the model file (.npz, .mat, .onnx) the certificate is about")],
+    prec: Annotated[int, typer.Option(help="bits of the ball arithmetic")] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of one line")] = False,
+) -> None:
+    """Re-prove a certificate's bound independently (interval arithmetic); exit code 1 if it is rejected."""
+    from dataclasses import asdict
+
+    from lipsdp.verify import verify as run_verify
+
+    try:
+        verdict = run_verify(cert, model, prec=prec)
+    except LipSDPError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(dict(asdict(verdict), certificate=str(cert), model=str(model)), indent=2))
+    elif verdict.accepted:
+        console.print(f"[green]accepted[/]: {escape(verdict.reason)} ({verdict.seconds:.2f} s)", highlight=False)
+    else:
+        console.print(f"[bold red]rejected[/]: {escape(verdict.reason)}", highlight=False, soft_wrap=True)
+    if not verdict.accepted:
+        raise typer.Exit(1)
 
 
 def _array_arg(text: str | Path, name: str):

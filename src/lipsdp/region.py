@@ -243,6 +243,8 @@ class LocalNetwork:
     tightened: int
     total: int
     removed: int = 0
+    kept: tuple[np.ndarray, ...] = ()  # per hidden layer: indices of the neurons kept (constant ones dropped)
+    zeroed: tuple[int, ...] = ()  # hidden layers whose every neuron is constant: one kept, outgoing column zeroed
 
     def note(self) -> str:
         return (
@@ -274,19 +276,24 @@ def localize(net: Network, region: Region) -> LocalNetwork:
         tightened += int(np.sum((a > net.alphas[k]) | (b < net.betas[k])))
         alphas.append(a)
         betas.append(b)
-    local, removed = _drop_constant_neurons(net.with_slopes(alphas, betas), bounds)
-    return LocalNetwork(local, region, bounds, fixed, tightened, net.n_neurons, removed)
+    local, removed, kept, zeroed = _drop_constant_neurons(net.with_slopes(alphas, betas), bounds)
+    return LocalNetwork(local, region, bounds, fixed, tightened, net.n_neurons, removed, kept, zeroed)
 
 
-def _drop_constant_neurons(net: Network, bounds: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Network, int]:
+def _drop_constant_neurons(
+    net: Network, bounds: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[Network, int, tuple[np.ndarray, ...], tuple[int, ...]]:
     """Remove neurons with slope exactly 0 on the region (e.g. ReLUs that are always off): their output is a
     constant there, folded into the next bias. Exact on the region, and it shrinks the LMI. A layer keeps at
-    least one neuron (with its outgoing weights zeroed if all are constant)."""
+    least one neuron (with its outgoing weights zeroed if all are constant). Also returns the indices kept
+    per layer and the layers whose kept neuron had its outgoing column zeroed."""
     from dataclasses import replace
 
     ws, bs = list(net.weights), list(net.biases)
     als, bes = list(net.alphas), list(net.betas)
     removed = 0
+    kept = [np.arange(n) for n in net.hidden_sizes]
+    zeroed = []
     for k in range(net.depth):
         const = (als[k] == 0) & (bes[k] == 0)
         if not const.any():
@@ -298,8 +305,10 @@ def _drop_constant_neurons(net: Network, bounds: list[tuple[np.ndarray, np.ndarr
             keep[0] = True
             ws[k + 1] = ws[k + 1].copy()
             ws[k + 1][:, 0] = 0.0
+            zeroed.append(k)
+        kept[k] = kept[k][keep]
         removed += int(np.sum(~keep))
         ws[k], bs[k], als[k], bes[k] = ws[k][keep], bs[k][keep], als[k][keep], bes[k][keep]
         ws[k + 1] = ws[k + 1][:, keep]
     local = replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(als), betas=tuple(bes))
-    return local, removed
+    return local, removed, tuple(kept), tuple(zeroed)

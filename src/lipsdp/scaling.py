@@ -152,10 +152,16 @@ def prune_dead_neurons(net: Network) -> Network | None:
     is unchanged (a constant neuron's output moves into the next bias). Returns None when the network is
     constant (a zero layer, or a layer left with no neuron): then L = 0. Zero rows and columns make the
     LMI's blocks singular, which is what stops the certificate on such nets."""
+    return prune_dead_neurons_kept(net)[0]
+
+
+def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarray]]:
+    """`prune_dead_neurons`, also returning for each hidden layer the indices of the neurons kept."""
     from lipsdp.network import apply_activation
 
+    kept = [np.arange(n) for n in net.hidden_sizes]
     if any(not np.any(w) for w in net.weights):
-        return None
+        return None, kept
     ws, bs = list(net.weights), list(net.biases)
     acts, alphas, betas = list(net.activations), list(net.alphas), list(net.betas)
     changed = True
@@ -166,7 +172,7 @@ def prune_dead_neurons(net: Network) -> Network | None:
             if keep.all():
                 continue
             if not keep.any():
-                return None
+                return None, kept
             const = ~np.any(ws[k] != 0, axis=1) & np.any(ws[k + 1] != 0, axis=0)
             if const.any():
                 try:
@@ -176,20 +182,25 @@ def prune_dead_neurons(net: Network) -> Network | None:
                     pass
             ws[k], bs[k], alphas[k], betas[k] = ws[k][keep], bs[k][keep], alphas[k][keep], betas[k][keep]
             ws[k + 1] = ws[k + 1][:, keep]
+            kept[k] = kept[k][keep]
             changed = True
     if len(ws[0]) == len(net.weights[0]) and all(a.shape == b.shape for a, b in zip(ws, net.weights)):
-        return net
-    return replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(alphas), betas=tuple(betas))
+        return net, kept
+    return replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(alphas), betas=tuple(betas)), kept
 
 
 def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, options: dict[str, Any]) -> Any:
     """Run `method_fn` (a registered method returning a `MethodOutput`) on the layer-normalised network
     and map its verified bound back. Methods outside `LMI_METHODS`, and nets already well scaled, run
-    unchanged."""
+    unchanged. The output's `proof` (`lipsdp.proof`) is extended by the exact steps taken here ('keep',
+    'fold', 'scale'), so it proves the bound of `net` itself."""
+    from lipsdp.proof import Proof, Step, keep_step
+
     if str(method).strip().lower() not in LMI_METHODS:
         return method_fn(net, **options)
     notes = []
-    pruned = prune_dead_neurons(net)
+    steps = []
+    pruned, kept = prune_dead_neurons_kept(net)
     if pruned is None:
         from lipsdp.methods import MethodOutput
 
@@ -200,21 +211,26 @@ def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, opt
             "constant function (a zero layer)",
             None,
             notes=["a layer is zero or all its neurons are dead: the network is constant, L = 0 exactly"],
+            proof=Proof("zero"),
         )
     if pruned is not net:
+        steps.append(keep_step(kept))
         notes.append(
             f"{net.n_neurons - pruned.n_neurons} dead neuron(s) (zero input row or output column) dropped"
         )
         net = pruned
     folded = fold_linear_layers(net)
     if folded is not net:
+        linear = tuple(k for k in range(net.depth) if np.array_equal(net.alphas[k], net.betas[k]))
+        steps.append(Step("fold", layers=linear))
         notes.append(
             f"{net.depth - folded.depth} linear hidden layer(s) multiplied into their neighbours (exact)"
         )
         net = folded
     if notes:  # the structure changed: multipliers of the reduced net do not fit the original
         out = bound_rescaled(method_fn, net, method, options)
-        return replace(out, multipliers=None, notes=list(out.notes) + notes)
+        proof = out.proof.after(*steps) if out.proof is not None else None
+        return replace(out, multipliers=None, notes=list(out.notes) + notes, proof=proof)
     scaled = rescale(net)
     if not any(scaled.exponents):
         return method_fn(net, **options)
@@ -231,4 +247,5 @@ def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, opt
         raw=scaled.value(out.raw),
         multipliers=scaled.multipliers(out.multipliers),
         notes=notes,
+        proof=out.proof.after(Step("scale", exponents=scaled.exponents)) if out.proof is not None else None,
     )

@@ -486,8 +486,8 @@ def _jacobi(diag: list, upper: list) -> tuple[list, list, list[np.ndarray], list
         exps.append(e)
 
     def scaled(m, er: list[int], ec: list[int]):
-        rows = m.tolist()
-        arbs = [[x * _pow2(er[i] + ec[j]) for j, x in enumerate(row)] for i, row in enumerate(rows)]
+        pr, pc = [_pow2(e) for e in er], [_pow2(e) for e in ec]
+        arbs = [[x * p * q for x, q in zip(row, pc)] for row, p in zip(m.tolist(), pr)]
         floats = np.array([[float(x) for x in row] for row in arbs], dtype=np.float64).reshape(m.nrows(), m.ncols())
         if not np.all(np.isfinite(floats)):
             raise _Reject("F(rho, T) is not positive definite: an entry exceeds its diagonal by far (overflow)")
@@ -548,11 +548,7 @@ def _residual_estimate(d: list[np.ndarray], u: list[np.ndarray], ls: list, ms: l
 
 def _frobenius_upper(m) -> Any:
     """An exact arb >= ||m||_F for every matrix in the ball matrix m."""
-    total = _flint().arb(0)
-    for row in m.tolist():
-        for x in row:
-            a = x.abs_upper()
-            total += a * a
+    total = sum((x * x for row in m.tolist() for x in row), _flint().arb(0))
     return total.upper().sqrt().upper()
 
 

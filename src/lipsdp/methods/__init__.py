@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lipsdp.errors import UnknownMethodError
+from lipsdp.proof import Proof, lmi_proof
 
 
 @dataclass
@@ -26,6 +27,7 @@ class MethodOutput:
     multipliers: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     solver: str | None = None
+    proof: Proof | None = None  # the data that proves `upper` for the network the method saw (`lipsdp.proof`)
 
 
 def verified_output(
@@ -48,7 +50,8 @@ def verified_output(
         return out
     if note:
         notes.insert(0, note)
-    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver)
+    proof = lmi_proof(cert.rho, cert.multipliers, net.alphas, net.betas)
+    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
 
 
 # name -> (module, function, one-line description)
