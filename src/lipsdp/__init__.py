@@ -15,6 +15,7 @@ from lipsdp.methods import available_methods
 from lipsdp.network import Network
 from lipsdp.region import Ball, Box
 from lipsdp.robustness import certify, pair_bounds
+from lipsdp.verify import Verification, verify
 
 __all__ = [
     "Ball",
@@ -27,11 +28,13 @@ __all__ = [
     "SolverError",
     "UnknownMethodError",
     "UnsupportedLayerError",
+    "Verification",
     "VerificationError",
     "available_methods",
     "certify",
     "estimate",
     "load_network",
     "pair_bounds",
+    "verify",
 ]
 __version__ = "0.1.0"
