@@ -199,3 +199,34 @@ def test_hostile_onnx(case, tmp_path):
         path.write_bytes(ONNX_CASES[case])
     with pytest.raises(LipSDPError):
         load_network(path)
+
+
+def _onnx_mlp(path, edit) -> None:
+    """A one-layer Gemm graph, then `edit(initializer)` (the kind of change fuzz/fuzz_loaders.py makes)."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 3), dtype=np.float32), name="w")
+    edit(w)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.write_bytes(model.SerializeToString())
+
+
+def _claim_dims(tensor) -> None:  # fewer elements than the data holds: the ONNX checker lets it pass
+    del tensor.dims[:]
+    tensor.dims.extend([1, 3])
+
+
+@pytest.mark.parametrize("edit", [_claim_dims, lambda t: setattr(t, "data_type", 99)], ids=["dims", "dtype"])
+def test_onnx_initializer_that_does_not_match_its_data(tmp_path, edit):
+    """Found by fuzz/fuzz_loaders.py (seed 1): numpy_helper.to_array raised ValueError / KeyError."""
+    path = tmp_path / "init.onnx"
+    _onnx_mlp(path, edit)
+    with pytest.raises(ModelLoadError, match="initializer 'w' is unreadable"):
+        load_network(path)

@@ -147,3 +147,22 @@ def _exits(path: Path) -> None:
 def test_a_child_that_exits_silently_is_an_error(tmp_path):
     with pytest.raises(ModelLoadError, match="without a result"):
         run_isolated(_exits, tmp_path / "s.bin")
+
+
+def test_onnx_loads_under_a_small_memory_limit(tmp_path, monkeypatch):
+    """The ONNX reader must not reserve its 2 GiB size cap up front (it did, with fh.read(2**31))."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 3), dtype=np.float32), name="w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "small.onnx"
+    path.write_bytes(model.SerializeToString())
+    monkeypatch.setenv("LIPSDP_LOAD_MEMORY_GIB", "0.5")
+    assert load_network(path).sizes == [3, 2]

@@ -59,6 +59,19 @@ def _check_external_locations(model: Any, base: Path, where: str) -> None:
             )
 
 
+def _read_at_most(fh: Any, limit: int) -> bytes:
+    """Up to `limit` bytes, in chunks: `fh.read(limit)` would reserve `limit` bytes up front (2 GiB here),
+    beyond the memory limit of the isolated loader process (lipsdp.io.isolation)."""
+    chunks, size = [], 0
+    while size < limit:
+        chunk = fh.read(min(1 << 24, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def read_model(path: str | Path) -> Any:
     """Parse an .onnx or .onnx.gz file (external data from the model's folder) and run the ONNX checker.
 
@@ -74,12 +87,12 @@ def read_model(path: str | Path) -> Any:
             import gzip
 
             with gzip.open(path, "rb") as fh:
-                data = fh.read(MAX_UNCOMPRESSED + 1)
+                data = _read_at_most(fh, MAX_UNCOMPRESSED + 1)
             if len(data) > MAX_UNCOMPRESSED:
                 raise ModelLoadError(f"{where}: decompresses to more than 2 GiB, beyond what an ONNX file can hold")
         else:
             with open(path, "rb") as fh:
-                data = fh.read(MAX_UNCOMPRESSED + 1)
+                data = _read_at_most(fh, MAX_UNCOMPRESSED + 1)
             if len(data) > MAX_UNCOMPRESSED:
                 raise ModelLoadError(f"{where}: larger than 2 GiB; keep large weights in external data files")
     except ModelLoadError:
@@ -187,6 +200,15 @@ def _evaluate(node: Any, inputs: dict[str, np.ndarray], opset: int) -> list[np.n
         return None
 
 
+def _initializer(numpy_helper: Any, tensor: Any, where: str) -> np.ndarray:
+    """An initializer as an array; data that does not match its dims or type is a ModelLoadError."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as exc:  # noqa: BLE001 - e.g. dims that do not fit the data, an unknown data type
+        message = f"{where}: initializer '{tensor.name}' is unreadable ({type(exc).__name__}: {exc})"
+        raise ModelLoadError(message[:600]) from None
+
+
 def prepare(model: Any, where: str, input_shape: tuple[int, ...] | None = None) -> Prepared:
     """Fix the input shape, infer shapes, fold constant subgraphs and drop dead nodes (see the module doc)."""
     import onnx
@@ -195,7 +217,7 @@ def prepare(model: Any, where: str, input_shape: tuple[int, ...] | None = None) 
     graph = model.graph
     opset = _opset(model)
     positions = {node.output[0]: i for i, node in enumerate(graph.node) if node.output}
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts: dict[str, np.ndarray] = {t.name: _initializer(numpy_helper, t, where) for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in consts]
     if len(inputs) != 1:
         from lipsdp.errors import UnsupportedLayerError
