@@ -1,6 +1,7 @@
 """Loaders: turn a model object or file into a `Network`.
 
-`load_network(model)` accepts a Network, a torch module, or a path (.npz, .mat, .onnx, .onnx.gz, .nnet).
+`load_network(model)` accepts a Network, a torch module or ExportedProgram, or a path (.npz, .mat, .onnx,
+.onnx.gz, .nnet, .pt2).
 Files parsed by C extensions go through `run_isolated` (a child process with memory and time limits).
 """
 
@@ -13,7 +14,7 @@ from lipsdp.errors import ModelLoadError
 from lipsdp.io.isolation import run_isolated
 from lipsdp.network import Network
 
-SUPPORTED_FILES = ".npz, .mat, .onnx, .onnx.gz and .nnet"
+SUPPORTED_FILES = ".npz, .mat, .onnx, .onnx.gz, .nnet and .pt2"
 
 
 def load_network(model: Any, **options: Any) -> Network:
@@ -44,11 +45,16 @@ def load_network(model: Any, **options: Any) -> Network:
             from lipsdp.io.nnet import load_nnet
 
             return load_nnet(path, **options)  # plain text, parsed in Python
+        if suffix == ".pt2":
+            from lipsdp.io.torch_export import load_pt2
+
+            # a zip of JSON and raw tensors; pickled content is refused before torch reads it
+            return run_isolated(load_pt2, path, preload=("torch.export",), **options)
         if suffix in (".pt", ".pth", ".ckpt", ".pkl"):
             raise ModelLoadError(
                 f"{path}: lipsdp does not read pickled torch files (loading one can run code, and a state_dict "
                 "does not record the activations); load it yourself with torch.load(..., weights_only=True), "
-                "rebuild the nn.Sequential, and pass the module to lipsdp.estimate"
+                "rebuild the module, and pass it to lipsdp.estimate (or save it with torch.export.save as .pt2)"
             )
         raise ModelLoadError(
             f"{path}: unsupported file type '{suffix or '(none)'}'; lipsdp reads {SUPPORTED_FILES} files "
@@ -62,7 +68,12 @@ def load_network(model: Any, **options: Any) -> Network:
         from lipsdp.io.torch_model import from_torch
 
         return from_torch(model, **options)
+    if torch is not None and isinstance(model, torch.export.ExportedProgram):
+        from lipsdp.io.torch_export import from_exported
+
+        return from_exported(model)
     raise ModelLoadError(
-        f"cannot read a model of type {type(model).__name__}; give a lipsdp.Network, a torch.nn.Module, "
+        f"cannot read a model of type {type(model).__name__}; give a lipsdp.Network, a torch.nn.Module, a "
+        "torch.export.ExportedProgram, "
         f"or a path to a model file ({SUPPORTED_FILES})"
     )

@@ -1,5 +1,6 @@
 """PyTorch modules -> Network: an `nn.Sequential` (or a plain chain of modules) of affine layers and
-elementwise activations.
+elementwise activations. Any other module (a custom `forward`) goes through `torch_export`, which reads
+the ATen graph of `torch.export.export`; this module-by-module path is the fast path for nn.Sequential.
 
 Affine layers: Linear, Conv2d and AvgPool2d (unrolled to matrices on the C-order flattened input; they
 need `input_shape=(C, H, W)`), BatchNorm1d/2d (eval semantics: running statistics, folded into the
@@ -80,8 +81,8 @@ def _unsupported(index: int, module: Any) -> UnsupportedLayerError:
     hint = next((h for key, h in _HINTS.items() if key in name), None)
     if hint is None and not isinstance(module, nn.Sequential) and len(list(module.children())) > 0:
         hint = (
-            "it is a custom module with its own forward(); lipsdp reads only nn.Sequential chains, so residual "
-            "connections and other branching code cannot be read (write the model as an nn.Sequential)"
+            "it is a composite torch.nn module whose forward() is not a chain of the layers below (residual "
+            "connections and other branching graphs are not supported yet)"
         )
     hint = f": {hint}" if hint else ""
     return UnsupportedLayerError(
@@ -212,14 +213,36 @@ class _TorchChain:
         self.builder.affine(scale, shift, name)
 
 
+def _builtin(module: Any) -> bool:
+    """A torch.nn layer whose behaviour lipsdp knows by its type (Sequential: its own forward, not a subclass')."""
+    from torch import nn
+
+    if isinstance(module, nn.Sequential):
+        return type(module).forward is nn.Sequential.forward
+    return type(module).__module__.startswith("torch.nn")
+
+
 def from_torch(model: Any, *, input_shape: tuple[int, ...] | None = None, **_: Any) -> Network:
     """Convert a torch chain (eval semantics: Dropout is the identity, BatchNorm uses running statistics).
 
     `input_shape=(C, H, W)` (one sample, no batch dimension) is needed when the chain has Conv2d/AvgPool2d.
-    Raises UnsupportedLayerError naming the first module that cannot be read.
+    Raises UnsupportedLayerError naming the first module that cannot be read. A custom module (its own
+    forward(), or inside the Sequential) is read from its torch.export graph instead (`torch_export`).
     """
+    from lipsdp.io.torch_export import from_module
+
+    if not _builtin(model):
+        return from_module(model, input_shape=input_shape)
     chain = _TorchChain(input_shape)
     for index, module in enumerate(flatten_modules(model)):
+        if not _builtin(module):
+            try:
+                return from_module(model, input_shape=input_shape)
+            except UnsupportedLayerError as exc:
+                raise UnsupportedLayerError(
+                    f"module {index} ({type(module).__name__}) is a custom module with its own forward(), so the "
+                    f"model was read through torch.export: {exc}"
+                ) from None
         chain.add(index, module)
     if chain.builder.empty:
         raise UnsupportedLayerError(f"the torch model has no Linear or Conv2d layer; supported modules: {SUPPORTED_MODULES}")
