@@ -22,6 +22,7 @@ network equals the NNet evaluation for inputs inside [min_in, max_in] (outside, 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -113,11 +114,11 @@ def read_nnet(path: str | Path) -> NNetNetwork:
     where = str(path)
     try:
         with open(path, "rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)
+            if os.fstat(fh.fileno()).st_size > MAX_BYTES:
+                raise ModelLoadError(f"{where}: larger than 1 GiB; not an NNet file lipsdp reads")
+            raw = fh.read()
     except OSError as exc:
         raise ModelLoadError(f"{where}: cannot read the file ({exc})") from None
-    if len(raw) > MAX_BYTES:
-        raise ModelLoadError(f"{where}: larger than 1 GiB; not an NNet file lipsdp reads")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -18,6 +18,7 @@ output conditions (thresholds, several comparisons per disjunct) are kept as lin
 
 from __future__ import annotations
 
+import gzip
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -243,14 +244,16 @@ def read_vnnlib(path: str | Path) -> VnnlibProperty:
     path = Path(path)
     where = str(path)
     try:
-        if path.name.lower().endswith(".gz"):
-            import gzip
-
-            with gzip.open(path, "rb") as fh:
-                raw = fh.read(MAX_BYTES + 1)
-        else:
-            with open(path, "rb") as fh:
-                raw = fh.read(MAX_BYTES + 1)
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            chunks, size = [], 0  # in chunks: read(MAX_BYTES) would reserve the whole limit up front
+            while size <= MAX_BYTES:
+                chunk = fh.read(1 << 22)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            raw = b"".join(chunks)
     except (OSError, EOFError, zlib.error) as exc:
         raise ModelLoadError(f"{where}: cannot read the property file ({exc})") from None
     if len(raw) > MAX_BYTES:
