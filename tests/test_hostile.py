@@ -230,3 +230,24 @@ def test_onnx_initializer_that_does_not_match_its_data(tmp_path, edit):
     _onnx_mlp(path, edit)
     with pytest.raises(ModelLoadError, match="initializer 'w' is unreadable"):
         load_network(path)
+
+
+def test_onnx_batchnorm_with_parameters_of_other_sizes(tmp_path):
+    """Found by fuzz/fuzz_loaders.py (seed 0): a BatchNormalization whose mean was a conv kernel raised a
+    numpy broadcasting ValueError."""
+    pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {"s": np.ones(2), "o": np.zeros(2), "m": np.ones((2, 1, 3, 3)), "v": np.ones(2)}
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "s", "o", "m", "v"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [numpy_helper.from_array(np.asarray(v, dtype=np.float32), name=k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "bn.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelLoadError, match="2, 2, 18 and 2 entries"):
+        load_network(path)

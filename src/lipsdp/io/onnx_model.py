@@ -146,7 +146,14 @@ class _OnnxChain:
         elif op == "BatchNormalization":
             if attrs.get("training_mode", 0):
                 raise UnsupportedLayerError(f"{where}: training_mode=1 is not a fixed affine map; export in eval mode")
-            scale, bias, mean, var = (self.const(name, where) for name in node.input[1:5])
+            if len(node.input) < 5:
+                raise ModelLoadError(f"{self.path}: {where} needs inputs X, scale, B, mean, var")
+            scale, bias, mean, var = (self.const(name, where).reshape(-1) for name in node.input[1:5])
+            if len({scale.size, bias.size, mean.size, var.size}) != 1:  # found by fuzz/fuzz_loaders.py
+                raise ModelLoadError(
+                    f"{self.path}: {where}: scale, B, mean and var have {scale.size}, {bias.size}, {mean.size} "
+                    f"and {var.size} entries; they need one per channel"
+                )
             factor = scale / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
             shift = bias - mean * factor
             if len(self.shape) < 2 or self.shape[1] != factor.size:
