@@ -31,11 +31,16 @@ The mathematics relied on
    [min phi', max phi'] over any interval containing both; relu, leaky_relu, elu, tanh, sigmoid,
    softplus and identity are monotone and their derivatives' extremes are at the ends of an interval (or
    at 0 for tanh and sigmoid). Local slopes come from interval propagation over the region, in arb.
-4. Transforms are replayed exactly or as balls: scaling by 2^e (exact), dropping neurons whose incoming
-   row or outgoing column is exactly zero (or that are constant on the region), multiplying out layers
-   whose slope range is one point a (phi(z) = a z + c there), the class-pair row difference, the split
-   of the chain (L of a composition is at most the product of the pieces' constants and the boundary
-   activations' Lipschitz constants max(|a|, |b|)).
+4. Every proof kind bounds *every* network with the given weights and per-neuron slope ranges; the
+   checker never uses an activation function itself after the slope ranges are found. Hence layer
+   scaling: with s_k = 2^(e_0 + ... + e_(k-1)) and x~_k = s_k x_k, s_(l+1) f is the network with weights
+   2^e_k W_k and activations psi_k(u) = s_(k+1) phi_k(u / s_(k+1)), whose secant slopes are those of
+   phi_k; so L(f) <= bound(scaled) / 2^(sum e). Scaling by 2^e is exact in arb. The other transforms
+   are replayed exactly or as balls: dropping neurons whose incoming row or outgoing column is exactly
+   zero, or that are constant on the region (slope range {0}); multiplying out layers whose slope range
+   is one point a (phi(z) = a z + c there); the class-pair row difference; the split of the chain (L of
+   a composition is at most the product of the pieces' constants and the boundary activations'
+   Lipschitz constants max(|a|, |b|)).
 
 What is guaranteed: `accepted` is True only if the checker proved that the Lipschitz constant of the
 target (f, or f_i - f_j; on the certificate's region if it names one) is at most `proven` and that the
