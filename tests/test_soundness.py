@@ -8,7 +8,8 @@ is allowed); it may never return NaN, a negative number, or another exception.
 
 Profiles (deterministic by default, so CI is reproducible):
     pytest tests/test_soundness.py                          # default: derandomized, ~1-2 minutes
-    HYPOTHESIS_PROFILE=long pytest tests/test_soundness.py  # 20x more examples, fresh random cases
+    HYPOTHESIS_PROFILE=long pytest tests/test_soundness.py  # 20x more examples, fresh random cases,
+                                                            # and the 10,000-case campaign (test_campaign)
 A failing case is printed with its concrete weights (`print_blob`); copy it into test_regressions.py.
 """
 
@@ -166,3 +167,96 @@ def test_repeatable(method):
     b = lipsdp.estimate(net, method, lower=True, seed=3, lower_samples=32, lower_steps=5)
     assert (a.upper, a.lower, a.raw) == (b.upper, b.lower, b.raw)
     np.testing.assert_array_equal(a.lower_point, b.lower_point)
+
+
+# -- the soundness campaign: many random cases, extreme scales, certificates re-checked ---------------
+# One case = one network and one method. Cheap methods take most cases; neuron and anytime a tenth each.
+CAMPAIGN_METHODS = ("naive", "naive", "sequential", "sequential", "sequential", "layer", "layer", "layer",
+                    "neuron", "anytime")
+CAMPAIGN_DEFAULT, CAMPAIGN_LONG = 30, int(os.environ.get("LIPSDP_CAMPAIGN_CASES", "10000"))
+EXACT_ACTIVATIONS = ("relu", "leaky_relu:0.1", "tanh", "identity")  # slopes in [0, 1], slope 1 at 0
+
+
+def campaign_budget():
+    """CAMPAIGN_DEFAULT cases by default (derandomized); CAMPAIGN_LONG fresh random ones under the long profile."""
+    return settings(
+        max_examples=CAMPAIGN_LONG if LONG else CAMPAIGN_DEFAULT,
+        deadline=None,
+        derandomize=not LONG,
+        print_blob=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
+
+
+@st.composite
+def campaign_networks(draw) -> tuple[Network, float | None]:
+    """A random net whose layer scales span 1e-280..1e280 with every partial product of scales, and the
+    constant's scale, within 1e-140..1e140 (so Jacobians stay in float range). With 'nonneg' structure
+    (nonnegative weights, zero biases, activations with slopes in [0, 1] and slope 1 at 0) the exact
+    constant is known: L = ||W_l ... W_0||_2 (attained at x = 0 / on the all-active region; no other
+    Jacobian diag-product is larger, the norm being monotone on nonnegative matrices); it is returned."""
+    hidden = draw(st.integers(0, 4))
+    widths = [draw(st.integers(1, 8)) for _ in range(hidden + 2)]
+    prefix = [0.0] + [draw(st.floats(-140.0, 140.0)) for _ in range(hidden + 1)]
+    exps = [b - a for a, b in itertools.pairwise(prefix)]
+    seed = draw(st.integers(0, 2**32 - 1))
+    nonneg = draw(st.integers(0, 5)) == 0
+    if nonneg:
+        acts = draw(st.lists(st.sampled_from(EXACT_ACTIVATIONS), min_size=hidden, max_size=hidden))
+        rng = np.random.default_rng(seed)
+        weights = [rng.random((b, a)) * 10.0**e for (a, b), e in zip(itertools.pairwise(widths), exps)]
+        net = Network.from_arrays(weights, acts)
+        # ||prod W_k|| with each factor normalised by an exact power of two (no overflow on the way)
+        shifts = [int(np.frexp(np.max(w))[1]) for w in weights]
+        prod = np.eye(widths[0])
+        for w, s in zip(weights, shifts):
+            prod = np.ldexp(w, -s) @ prod
+        exact = float(np.ldexp(np.linalg.norm(prod, 2), sum(shifts)))
+        note(f"nonneg sizes={widths} acts={acts} seed={seed} exps={exps} exact={exact!r}")
+        return net, exact
+    acts = draw(st.lists(st.sampled_from(ACTIVATIONS), min_size=hidden, max_size=hidden))
+    structure = draw(st.sampled_from(STRUCTURES))
+    weights = make_weights(widths, [10.0**e for e in exps], structure, seed)
+    biases = [np.random.default_rng(seed + 1).normal(0.0, 1.0, w.shape[0]) for w in weights]
+    note(f"sizes={widths} acts={acts} structure={structure} seed={seed} exps={exps}")
+    return Network.from_arrays(weights, acts, biases), None
+
+
+@campaign_budget()
+@given(case=campaign_networks(), method=st.sampled_from(CAMPAIGN_METHODS), recheck=st.integers(0, 9))
+def test_campaign(case, method, recheck, tmp_path_factory):
+    """Verified upper >= the largest sampled Jacobian norm, >= the exact constant where known; and one
+    case in ten re-proves its certificate with the independent checker (`lipsdp.verify`)."""
+    from hypothesis import event
+
+    net, exact = case
+    options = {"budget": 5.0, "steps": 20} if method == "anytime" else {}
+    event(f"method {method}")
+    try:
+        res = lipsdp.estimate(net, method, **options)
+    except LipSDPError as exc:
+        note(f"{method} refused: {exc}")
+        event("refused with a clear error")
+        return
+    assert res.verified and np.isfinite(res.upper) and res.upper >= 0.0, res.upper
+    lower = lower_bound(net, samples=16, steps=6, seed=0).value
+    note(f"upper={res.upper!r} lower={lower!r}")
+    assert np.isfinite(lower) and lower >= 0.0
+    assert lower <= res.upper * (1.0 + 1e-9), f"{method}: lower {lower!r} > verified upper {res.upper!r}"
+    if exact is not None:
+        event("exact constant known")
+        assert res.upper >= exact * (1.0 - 1e-10), f"{method}: verified {res.upper!r} < exact {exact!r}"
+    if recheck == 0:
+        path = tmp_path_factory.mktemp("cert")
+        model = path / "net.npz"
+        arrays = {f"W{k}": w for k, w in enumerate(net.weights)}
+        arrays.update({f"b{k}": b for k, b in enumerate(net.biases)})
+        if net.activations:
+            arrays["activations"] = np.array(
+                [a.name if a.param is None else f"{a.name}:{a.param!r}" for a in net.activations]
+            )
+        np.savez(model, **arrays)
+        verdict = lipsdp.verify(res.save_certificate(path / "cert.json"), model)
+        assert verdict.accepted, verdict.reason
+        event("certificate re-proved")
