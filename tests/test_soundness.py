@@ -16,6 +16,7 @@ A failing case is printed with its concrete weights (`print_blob`); copy it into
 from __future__ import annotations
 
 import itertools
+import json
 import os
 
 import numpy as np
@@ -257,6 +258,18 @@ def test_campaign(case, method, recheck, tmp_path_factory):
                 [a.name if a.param is None else f"{a.name}:{a.param!r}" for a in net.activations]
             )
         np.savez(model, **arrays)
-        verdict = lipsdp.verify(res.save_certificate(path / "cert.json"), model)
+        cert = res.save_certificate(path / "cert.json")
+        verdict = lipsdp.verify(cert, model)
         assert verdict.accepted, verdict.reason
         event("certificate re-proved")
+        if exact is not None and exact > 0 and res.proof.kind == "lmi":
+            # rho below the exact L^2 (in the proof's scaled coordinates) cannot be proved: the checker
+            # must reject it, whatever the multipliers
+            data = json.loads(cert.read_text())
+            e = sum(sum(s["exponents"]) for s in data["proof"]["steps"] if s["op"] == "scale")
+            data["proof"]["rho"] = float(np.ldexp(exact * exact * (1 - 1e-6), 2 * e)).hex()
+            data["claim"]["upper"] = (exact * (1 - 1e-7)).hex()
+            cert.write_text(json.dumps(data))
+            verdict = lipsdp.verify(cert, model)
+            assert not verdict.accepted, f"checker accepted rho below L^2: {verdict.reason}"
+            event("tampered certificate rejected")

@@ -76,6 +76,19 @@ def test_accepts_bundled_examples(tmp_path, example, method, kwargs):
     assert v.proven >= res.upper * (1 - 1e-12)
 
 
+@pytest.mark.parametrize("method", ["layer", "neuron"])
+def test_accepts_when_the_layer_by_layer_bound_wins(tmp_path, method):
+    """A scalar leaky-ReLU chain where the layer-by-layer multipliers beat the interior point's: the
+    proof must be the one of the bound reported (found by the soundness campaign: it was stale)."""
+    rng = np.random.default_rng(0)
+    net = Network.from_arrays([rng.random((1, 1)), rng.random((1, 1))], ["leaky_relu:0.1"])
+    model = save_npz(tmp_path / "net.npz", net)
+    res, cert = certify_file(tmp_path, model, method)
+    v = verify(cert, model)
+    assert v.accepted, v.reason
+    assert v.proven <= res.upper
+
+
 def test_accepts_mnist_naive(tmp_path):
     model = EXAMPLES / "mnist_784-50-10.npz"
     res, cert = certify_file(tmp_path, model, "naive", pair=(3, 5))

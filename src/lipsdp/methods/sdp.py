@@ -13,6 +13,7 @@ import numpy as np
 from lipsdp.errors import SolverError
 from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
+from lipsdp.proof import lmi_proof
 from lipsdp.solvers import cvxpy_solver
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
         anchor = None
     if anchor is not None and anchor.upper < out.upper:
         out.upper, out.multipliers = anchor.upper, anchor.multipliers
+        out.proof = lmi_proof(anchor.rho, anchor.multipliers, net.alphas, net.betas)  # the proof goes with it
         out.notes.insert(0, "the layer-by-layer multipliers gave the tighter verified bound")
     # The lower bound is for the LMI actually solved; widened slopes make that LMI's optimum larger than
     # the network's, so it is not reported then.
