@@ -294,24 +294,32 @@ def _region_option(box: tuple[str, str] | None, ball: tuple[Path, float] | None)
 def certify(
     ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="classifier file (.npz, .mat, .onnx)")],
-    data: Annotated[Path, typer.Argument(help=".npz file with arrays x (inputs) and y (integer labels)")],
+    data: Annotated[
+        Path, typer.Argument(help=".npz file with arrays x (inputs) and y (integer labels), or .vnnlib properties")
+    ],
     radii: Annotated[
         list[float] | None, typer.Option("--radii", help="radii for the certified accuracy: --radii 0.1 0.2 ...")
     ] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="bounding method (see `lipsdp methods`)")] = "neuron",
-    bound: Annotated[str, typer.Option(help="'pair' (one bound per class pair) or 'global'")] = "pair",
+    bound: Annotated[
+        str, typer.Option(help="'pair' (one bound per class pair), 'global', or 'local' (.vnnlib: on each box)")
+    ] = "pair",
     solver: Annotated[str | None, typer.Option(help="SDP solver: clarabel, scs, mosek")] = None,
     workers: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log progress")] = False,
 ) -> None:
-    """Certified l2 robustness radii and certified accuracy of a classifier on a labelled data set."""
+    """Certified l2 robustness radii and certified accuracy of a classifier on a labelled data set, or, with
+    VNN-LIB files (lipsdp certify MODEL PROPS/*.vnnlib), which robustness properties the Lipschitz margin proves."""
     import numpy as np
 
     from lipsdp.robustness import certify as run_certify
 
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if data.name.lower().endswith((".vnnlib", ".vnnlib.gz")):  # the other property files arrive as extra args
+        _certify_vnnlib(model, [data, *(Path(a) for a in ctx.args)], method, bound, solver, workers, as_json)
+        return
     values = list(radii or [])
     for extra in ctx.args:  # `--radii 0.1 0.2 0.3`: the values after the first arrive as extra arguments
         try:
@@ -347,6 +355,32 @@ def certify(
         f"{cert.seconds:.2f} s",
         highlight=False,
     )
+
+
+def _certify_vnnlib(
+    model: Path, props: list[Path], method: str, bound: str, solver: str | None, workers: int, as_json: bool
+) -> None:
+    """One row per VNN-LIB property: label, prediction at the box centre, l2 radius of the box, slack of the
+    Lipschitz margin (margin - L * radius) and whether it certifies the property."""
+    from lipsdp.robustness import certify_properties
+
+    try:
+        results = certify_properties(model, props, method=method, bound=bound, solver=solver, workers=workers)
+    except LipSDPError as exc:
+        _fail(f"{model}: {exc}")
+    if as_json:
+        print(json.dumps({"model": str(model), "properties": [r.to_dict() for r in results]}, indent=2))
+        return
+    print_table(
+        [Column("property", fold=True, justify="left"), Column("label"), Column("argmax"), Column("l2 radius"),
+         Column("slack"), Column("certified")],
+        [[Path(r.path).name, str(r.label), str(r.predicted), _fmt(r.radius), _fmt(r.slack), "yes" if r.certified
+          else "no"] for r in results],
+        title=f"{model.name}: VNN-LIB properties ({bound} bounds, {method})",
+    )
+    certified = sum(r.certified for r in results)
+    console.print(f"{certified} of {len(results)} properties certified (no counter-example in their boxes); "
+                  "'no' means the margin argument is not enough, not that a property is false", highlight=False)
 
 
 @app.command()

@@ -76,6 +76,13 @@ class VnnlibProperty:
         half = 0.5 * (self.high - self.low)
         return float(np.nextafter(np.sqrt(np.sum(half * half)) * (1.0 + 4 * np.finfo(np.float64).eps), np.inf))
 
+    @property
+    def region(self):
+        """The input box as a `lipsdp.Box`, for local bounds: `lipsdp.estimate(model, region=prop.region)`."""
+        from lipsdp.region import Box
+
+        return Box(self.low, self.high)
+
     def violated_by(self, outputs: np.ndarray) -> np.ndarray | bool:
         """For outputs of shape (n_outputs,) or (batch, n_outputs): does any disjunct hold (a counter-example)?"""
         y = np.atleast_2d(np.asarray(outputs, dtype=np.float64))
