@@ -110,6 +110,8 @@ def test_threshold_conditions_are_kept_without_a_label(tmp_path):
         ("(assert (<= X_0 1)) (assert (>= X_0 0)) (assert (<= Y_0 (* 2 Y_0)))", "neither an output"),
         ("(assert (<= X_0 1)) (assert (>= X_0 0)) (check-sat)", "'check-sat' is not supported"),
         ("(assert (<= X_0 1)) (assert (>= X_0 0))", None),  # no output condition
+        ("(assert (<= X_0 1)) (assert (>= X_0 0)) (assert " + "(and " * 20000 + "(<= Y_0 1)" + ")" * 20001,
+         "nested too deeply"),
     ],
 )
 def test_errors_name_the_problem(tmp_path, body, message):

@@ -270,8 +270,11 @@ def read_vnnlib(path: str | Path) -> VnnlibProperty:
     except UnicodeDecodeError:
         raise ModelLoadError(f"{where}: not a text (UTF-8) VNN-LIB file") from None
     reader = _Reader(where)
-    for expr in _parse(text, where):
-        reader.statement(expr)
+    try:
+        for expr in _parse(text, where):
+            reader.statement(expr)
+    except RecursionError:
+        raise ModelLoadError(f"{where}: formulas nested too deeply to read") from None
     n_in = len(reader.declared["X"])
     n_out = len(reader.declared["Y"])
     if n_in == 0 or reader.declared["X"] != set(range(n_in)):
