@@ -31,15 +31,19 @@ def test_the_kept_segfault_inputs_exist():
 
 @pytest.mark.parametrize("path", SEGFAULTS, ids=lambda p: p.name)
 def test_scipy_segfault_becomes_a_clear_error(path):
-    """These files kill any process that hands them to scipy.io.loadmat; here the test process survives."""
-    with pytest.raises(ModelLoadError, match="SIGSEGV") as info:
+    """These files kill any process that hands them to scipy.io.loadmat; here the test process survives.
+    scipy reads memory it should not on them, so it usually segfaults but may instead raise a parse error
+    (case641 does about one time in ten): both must end as a ModelLoadError naming the file."""
+    with pytest.raises(ModelLoadError) as info:
         load_network(path)
-    assert str(path) in str(info.value) and "corrupt or hostile" in str(info.value)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    assert "crashed with SIGSEGV" in message or "not a readable MATLAB .mat file" in message, message
 
 
 def test_batch_with_a_hostile_file_keeps_the_good_result(tmp_path):
     bad = tmp_path / "bad.mat"
-    bad.write_bytes(SEGFAULTS[0].read_bytes())
+    bad.write_bytes((ROOT / "fuzz" / "scipy-segfaults" / "seed0-case757.mat").read_bytes())  # segfaults each time
     good = EXAMPLES / "relu_2-10-30-20-2.npz"
     out = tmp_path / "r.jsonl"
     proc = subprocess.run(
