@@ -14,7 +14,7 @@ from lipsdp import ModelLoadError, UnsupportedLayerError, load_network
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 RNG = np.random.default_rng(0)
 
