@@ -331,6 +331,48 @@ def test_dropping_a_live_neuron_rejected(tmp_path):
     assert not v.accepted and "not zero" in v.reason
 
 
+def _zero_proof(data):
+    data["proof"] = {"kind": "zero", "steps": []}
+
+
+def _lower_lipschitz(data):
+    data["proof"]["lipschitz"][0] = (0.5).hex()
+
+
+def _drop_pair(data):
+    data["claim"]["pair"] = None
+    data["proof"]["steps"] = [s for s in data["proof"]["steps"] if s["op"] != "pair"]
+
+
+def _claim_global(data):
+    data["claim"]["local"] = False
+
+
+def _scale_down(data):
+    for s in data["proof"]["steps"]:
+        if s["op"] == "scale":
+            s["exponents"][0] -= 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "method", "kwargs", "reason"),
+    [
+        (_zero_proof, "naive", {}, "not constant"),
+        (_lower_lipschitz, "naive", {}, "below the Lipschitz constant"),
+        (_drop_pair, "naive", {"pair": (0, 1)}, ""),  # the norm proof of f_0 - f_1 does not fit f
+        (_claim_global, "sequential", {"region": lipsdp.Box(-0.5, 0.5)}, "does not match"),
+        (_scale_down, "sequential", {}, "claimed upper bound"),
+    ],
+    ids=["zero", "lipschitz", "pair", "local", "scale"],
+)
+def test_tampered_proofs_rejected(tmp_path, edit, method, kwargs, reason):
+    model = EXAMPLES / "relu_2-10-30-20-2.npz"
+    _, cert = certify_file(tmp_path, model, method, **kwargs)
+    assert verify(cert, model).accepted
+    v = verify(_tamper(cert, edit), model)
+    assert not v.accepted and reason in v.reason, v.reason
+
+
 def test_malformed_certificate_is_a_clear_error(tmp_path):
     with pytest.raises(LipSDPError, match="not found"):
         verify(tmp_path / "missing.json", EXAMPLES / "tanh_controller.npz")

@@ -361,6 +361,8 @@ class CertificateFile:
     sha256: str
     sizes: tuple[int, ...]
     proof: Proof
+    local: bool = False  # what the claim section says (the proof decides; a mismatch is rejected)
+    pair: tuple[int, int] | None = None
 
 
 def parse_certificate(data: Any) -> CertificateFile:
@@ -373,11 +375,22 @@ def parse_certificate(data: Any) -> CertificateFile:
     if not isinstance(claim, dict) or not isinstance(net, dict):
         raise TypeError("certificate lacks its 'claim' or 'network' section")
     upper = unhex(claim.get("upper"))
-    if not (math.isfinite(upper) or upper == math.inf):
+    if math.isnan(upper):
         raise ValueError("claimed upper bound is not a number")
     sha = net.get("sha256")
     if not isinstance(sha, str) or len(sha) != 64:
         raise ValueError("network sha256 missing or malformed")
+    pair = claim.get("pair")
+    if pair is not None:
+        pair = _ints(pair, "claim pair")
+        if len(pair) != 2:
+            raise ValueError("claim pair must be two class indices")
     return CertificateFile(
-        upper, str(claim.get("method", "")), sha, _ints(net.get("sizes", []), "sizes"), proof_from_json(data.get("proof"))
+        upper,
+        str(claim.get("method", "")),
+        sha,
+        _ints(net.get("sizes", []), "sizes"),
+        proof_from_json(data.get("proof")),
+        bool(claim.get("local", False)),
+        None if pair is None else (pair[0], pair[1]),
     )

@@ -803,6 +803,9 @@ def verify(cert: str | Path, model: Any, *, prec: int = DEFAULT_PREC, **loader_o
     def verdict(ok: bool, reason: str, proven: float | None = None) -> Verification:
         return Verification(ok, reason, data.upper, proven, statement, time.perf_counter() - start)
 
+    if data.local != proof.local or data.pair != proof.pair:
+        return verdict(False, f"the claim section (local={data.local}, pair={data.pair}) does not match what the "
+                       f"proof bounds (local={proof.local}, pair={proof.pair})")
     sha = network_sha256(net)
     if sha != data.sha256:
         return verdict(False, f"hash mismatch: the model's sha256 is {sha[:16]}..., the certificate is for "
