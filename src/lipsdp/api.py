@@ -31,6 +31,9 @@ class Result:
     lower     largest Jacobian norm found (a true lower bound), or None if not asked
     raw       the method's own, unverified value (e.g. the solver's sqrt(rho)); for information only
     verified  True: `upper` carries a floating-point proof (every Result does; see `certificate`)
+    sdp_lower proven lower bound on the optimum of the LipSDP variant the method solves (`neuron`, `layer`),
+              from the solver's dual iterate (`lipsdp.dual`); `gap` = upper / sdp_lower - 1 is then the
+              proven distance of `upper` to the best bound that LipSDP variant can give
     """
 
     upper: float
@@ -45,6 +48,7 @@ class Result:
     network: str = ""
     pieces: int = 1
     notes: tuple[str, ...] = ()
+    sdp_lower: float | None = None
     multipliers: np.ndarray | None = field(default=None, repr=False, compare=False)
     lower_point: np.ndarray | None = field(default=None, repr=False, compare=False)
     proof: Proof | None = field(default=None, repr=False, compare=False)
@@ -56,6 +60,13 @@ class Result:
             return None
         return self.upper / self.lower
 
+    @property
+    def gap(self) -> float | None:
+        """Proven relative distance of `upper` to the LipSDP optimum (upper / sdp_lower - 1), if known."""
+        if self.sdp_lower is None or self.sdp_lower <= 0:
+            return None
+        return self.upper / self.sdp_lower - 1.0
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no arrays)."""
         data = asdict(self)
@@ -64,6 +75,7 @@ class Result:
         data.pop("proof")
         data["notes"] = list(self.notes)
         data["ratio"] = self.ratio
+        data["gap"] = self.gap
         return data
 
     def save_certificate(self, path: str | Path) -> Path:
@@ -214,6 +226,7 @@ def estimate(
         network=net.describe(),
         pieces=n_pieces,
         notes=tuple(notes),
+        sdp_lower=out.sdp_lower if n_pieces == 1 else None,
         multipliers=out.multipliers,
         lower_point=lower_point,
         proof=proof,

@@ -126,14 +126,13 @@ def _smallest_root(c0: float, c1: float, c2: float) -> float | None:
     return min(1.0, max(0.0, s) * (1.0 + 1e-6) + 1e-12)
 
 
-def lower_bound_rho(net: Network, x_mat: np.ndarray, tied: bool = False) -> float | None:
+def lower_bound_rho(net: Network, v: np.ndarray, tied: bool = False) -> float | None:
     """A proven lower bound on the optimal rho of LipSDP-Neuron (LipSDP-Layer when `tied`) for `net`,
-    from an approximate dual matrix x_mat (n x n, n = sum of all widths but the output). None when no
-    bound can be proved."""
+    from X = V V', V with n rows (n = sum of all widths but the output), e.g. `factor` of an approximate
+    dual matrix. None when no bound can be proved."""
     if net.depth == 0 or any(np.any(a == b) for a, b in zip(net.alphas, net.betas)):
         return None
-    v = factor(x_mat)
-    if v is None:
+    if v is None or not np.all(np.isfinite(v)) or v.shape[0] != sum(net.sizes[:-1]):
         return None
     sizes = net.sizes[:-1]
     offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)

@@ -30,7 +30,7 @@ from lipsdp.errors import LipSDPError, VerificationError
 from lipsdp.network import Network
 
 # Methods whose bound is a function of (weights, slope bounds) only, so the congruence above applies.
-LMI_METHODS = frozenset({"naive", "sequential", "layer", "neuron", "neuron-dense"})
+LMI_METHODS = frozenset({"naive", "sequential", "anytime", "layer", "neuron", "neuron-dense"})
 POSITIVELY_HOMOGENEOUS = frozenset({"relu", "leaky_relu", "identity"})
 _SMALLEST_NORMAL = np.finfo(np.float64).tiny
 NOTE_EXPONENT = 8  # mention the rescaling in the result's notes only when some layer moved by >= 2^8
@@ -64,6 +64,18 @@ class Rescaled:
         if out < _SMALLEST_NORMAL:  # subnormal: ldexp may have rounded down
             out = math.nextafter(out, math.inf)
         return out
+
+    def lower_bound(self, scaled_lower: float | None) -> float | None:
+        """A proven lower bound for the original network from one of the scaled net (rounded down)."""
+        if scaled_lower is None or scaled_lower <= 0.0:
+            return scaled_lower
+        try:
+            out = math.ldexp(scaled_lower, -self.total)
+        except OverflowError:
+            return None
+        if out < _SMALLEST_NORMAL:  # subnormal: ldexp may have rounded up
+            out = math.nextafter(out, 0.0)
+        return out if math.isfinite(out) else None
 
     def value(self, scaled_value: float) -> float:
         """An unverified value (e.g. the solver's raw sqrt(rho)) mapped back; for information only."""
@@ -244,6 +256,7 @@ def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, opt
     return replace(
         out,
         upper=scaled.upper_bound(out.upper),
+        sdp_lower=scaled.lower_bound(out.sdp_lower),
         raw=scaled.value(out.raw),
         multipliers=scaled.multipliers(out.multipliers),
         notes=notes,

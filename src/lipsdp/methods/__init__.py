@@ -27,6 +27,7 @@ class MethodOutput:
     multipliers: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     solver: str | None = None
+    sdp_lower: float | None = None  # proven lower bound on the optimum of the LipSDP variant solved
     proof: Proof | None = None  # the data that proves `upper` for the network the method saw (`lipsdp.proof`)
 
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg as sla
-import scipy.sparse as sp
 
-from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
+from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho, sequential_multipliers
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -43,56 +42,16 @@ class IPMResult:
 
 
 class _Structure:
-    """The data of min rho s.t. F(rho, t) >= 0, t >= 0, in the form Z = C - sum_i y_i A_i, A_i = -U G_i U'."""
+    """The data of min rho s.t. F(rho, t) >= 0, t >= 0, in the form Z = C - sum_i y_i A_i, A_i = -U G_i U',
+    C = -W_l'W_l on the last block; every product with U and G by dense blocks and slices."""
 
     def __init__(self, net: Network, per_neuron: bool):
         sizes = net.sizes[:-1]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        n = int(offs[-1])
         n0 = sizes[0]
-        p = net.n_neurons
-        cols = []  # dense columns of U
-        rows_g, cols_g, vals_g = [], [], []
-        var_of_col = []
-        # rho: identity on block 0
-        cols.append(sp.csc_matrix((np.ones(n0), (np.arange(n0), np.arange(n0))), shape=(n, n0)))
-        rows_g += list(range(n0))
-        cols_g += list(range(n0))
-        vals_g += [1.0] * n0
-        var_of_col += [0] * n0
-        start = n0
-        neuron = 0
-        for k in range(net.depth):
-            w = net.weights[k]
-            nk = w.shape[0]
-            a, b = net.alphas[k], net.betas[k]
-            uw = sp.vstack(
-                [sp.csc_matrix((offs[k], nk)), sp.csc_matrix(w.T), sp.csc_matrix((n - offs[k + 1], nk))]
-            ).tocsc()
-            ue = sp.csc_matrix((np.ones(nk), (offs[k + 1] + np.arange(nk), np.arange(nk))), shape=(n, nk))
-            cols += [uw, ue]
-            iw = start + np.arange(nk)
-            ie = start + nk + np.arange(nk)
-            for r, c, v in (
-                (iw, iw, 2 * a * b),
-                (iw, ie, -(a + b)),
-                (ie, iw, -(a + b)),
-                (ie, ie, 2.0 * np.ones(nk)),
-            ):
-                keep = v != 0
-                rows_g += list(r[keep])
-                cols_g += list(c[keep])
-                vals_g += list(v[keep])
-            if per_neuron:
-                var = 1 + neuron + np.arange(nk)
-            else:
-                var = np.full(nk, 1 + k)
-            var_of_col += list(var) + list(var)
-            start += 2 * nk
-            neuron += nk
-        self.u = sp.hstack(cols).tocsc()
-        self.ut = self.u.T.tocsr()
-        # the same U as dense blocks, for BLAS products: (block of rows, W, column slice) per layer
+        # U = [I_0 | per layer: W_{k-1}' on block k-1 (weight columns), unit vectors on block k], kept as
+        # dense blocks for BLAS products: (rows of block k-1, W_{k-1}, weight columns, rows of block k,
+        # unit columns) per hidden layer.
         self.blocks = []
         col = n0
         for k in range(net.depth):
@@ -108,24 +67,36 @@ class _Structure:
             )
             col += 2 * nk
         self.n0 = n0
-        self.k = self.u.shape[1]
-        self.m = 1 + (p if per_neuron else net.depth)
-        self.g_rows = np.asarray(rows_g, dtype=int)
-        self.g_cols = np.asarray(cols_g, dtype=int)
-        self.g_vals = np.asarray(vals_g, dtype=float)
-        self.var = np.asarray(var_of_col, dtype=int)
-        self.g = sp.csr_matrix((self.g_vals, (self.g_rows, self.g_cols)), shape=(self.k, self.k))
-        self.s = sp.csr_matrix((np.ones(self.k), (np.arange(self.k), self.var)), shape=(self.k, self.m))
-        self.n = n
+        self.k = col
+        self.m = 1 + (net.n_neurons if per_neuron else net.depth)
+        self.n = int(offs[-1])
         self.n_lin = self.m - 1
-        # Z = C - A'(y) with C = -W_l'W_l (block l) so that Z = F(rho, t).
-        c = np.zeros((n, n))
-        wl = net.weights[-1]
-        c[offs[-2] :, offs[-2] :] = -(wl.T @ wl)
-        self.c = c
         self.b = np.zeros(self.m)
         self.b[0] = -1.0  # maximise -rho
         self.layer_sizes = net.hidden_sizes
+        self.net = net
+        self.per_neuron = per_neuron
+        self.ab2 = [2.0 * a * b for a, b in zip(net.alphas, net.betas)]
+        self.apb = [a + b for a, b in zip(net.alphas, net.betas)]
+        self.last = slice(int(offs[-2]), int(offs[-1]))
+
+    def primal_objective(self, x_mat: np.ndarray) -> float:
+        """<C, X> with C = -W_l'W_l on the last block."""
+        wl = self.net.weights[-1]
+        return -float(np.sum((wl @ x_mat[self.last, self.last]) * wl))
+
+    def slack(self, y: np.ndarray) -> np.ndarray:
+        """Z = C - A'(y) = F(rho, t), formed densely from its blocks."""
+        t = y[1:] if self.per_neuron else np.repeat(y[1:], self.layer_sizes)
+        return negated_lmi(self.net, float(y[0]), t).dense()
+
+    def adjoint_blocks(self, y: np.ndarray) -> _BlockMatrix:
+        """-sum_i y_i A_i = F(y_0, y_1..) - F(0, 0): the linear part of the LMI, block-tridiagonal."""
+        t = y[1:] if self.per_neuron else np.repeat(y[1:], self.layer_sizes)
+        f = negated_lmi(self.net, float(y[0]), t)
+        wl = self.net.weights[-1]
+        f.diag[-1] = f.diag[-1] + wl.T @ wl
+        return _BlockMatrix(f)
 
     def times_u(self, m: np.ndarray) -> np.ndarray:
         """M U for a dense M, by dense blocks (BLAS): U = [I_0 | per layer: W_{k-1}' rows, unit columns]."""
@@ -147,27 +118,105 @@ class _Structure:
 
     # A(M)_i = <A_i, M> for M = M1 M2, given Y1 = M1' U (or None for M1 = I) and Y2 = M2 U.
     def a_bilinear(self, y1: np.ndarray | None, y2: np.ndarray) -> np.ndarray:
-        if y1 is None:
-            vals = np.asarray(self.u[:, self.g_cols].multiply(y2[:, self.g_rows]).sum(axis=0)).ravel()
-        else:
-            vals = np.einsum("rj,rj->j", y1[:, self.g_cols], y2[:, self.g_rows])
-        return -np.bincount(self.var[self.g_rows], weights=vals * self.g_vals, minlength=self.m)
+        """-(U_i' M U_i : G_i) per variable, from column-wise dot products on the dense blocks of U
+        (slices, no gathered copies)."""
+        n0 = self.n0
+        out = np.zeros(self.m)
+        out[0] = -(float(np.trace(y2[:n0, :n0])) if y1 is None else float(np.einsum("rj,rj->", y1[:, :n0], y2[:, :n0])))
+        var = 1
+        for k, (rows_prev, w, cols_w, rows_k, cols_e) in enumerate(self.blocks):
+            if y1 is None:  # columns of U: W_{k-1}' on the previous block, unit vectors on block k
+                d_ww = np.einsum("ir,ri->i", w, y2[rows_prev, cols_w])
+                d_we = np.einsum("ir,ri->i", w, y2[rows_prev, cols_e])
+                d_ew = np.diagonal(y2[rows_k, cols_w])
+                d_ee = np.diagonal(y2[rows_k, cols_e])
+            else:
+                d_ww = np.einsum("rj,rj->j", y1[:, cols_w], y2[:, cols_w])
+                d_we = np.einsum("rj,rj->j", y1[:, cols_w], y2[:, cols_e])
+                d_ew = np.einsum("rj,rj->j", y1[:, cols_e], y2[:, cols_w])
+                d_ee = np.einsum("rj,rj->j", y1[:, cols_e], y2[:, cols_e])
+            ab2, apb = self.ab2[k], self.apb[k]
+            vals = -(ab2 * d_ww - apb * (d_we + d_ew) + 2.0 * d_ee)
+            if self.per_neuron:
+                out[var : var + len(vals)] = vals
+                var += len(vals)
+            else:
+                out[var] = float(np.sum(vals))
+                var += 1
+        return out
 
-    def a_adjoint(self, y: np.ndarray, dense: bool = True):
-        """sum_i y_i A_i = -U G_y U' (block-tridiagonal; sparse products)."""
-        gy = sp.csr_matrix(
-            (self.g_vals * y[self.var[self.g_rows]], (self.g_rows, self.g_cols)), shape=(self.k, self.k)
-        )
-        out = -(self.u @ (gy @ self.ut))
-        out = 0.5 * (out + out.T)
-        return out.toarray() if dense else out.tocsr()
+    def _g_rows(self, m: np.ndarray) -> np.ndarray:
+        """G M: each neuron's 2x2 block G_i applied to its (weight, unit) pair of rows."""
+        out = np.empty_like(m)
+        out[: self.n0] = m[: self.n0]
+        for k, (_, _, cols_w, _, cols_e) in enumerate(self.blocks):
+            mw, me = m[cols_w], m[cols_e]
+            out[cols_w] = self.ab2[k][:, None] * mw - self.apb[k][:, None] * me
+            out[cols_e] = 2.0 * me - self.apb[k][:, None] * mw
+        return out
+
+    def _sum_groups(self, m: np.ndarray) -> np.ndarray:
+        """S' M: rows summed into their variable (rho; one neuron's two columns; or a whole layer)."""
+        out = np.empty((self.m,) + m.shape[1:])
+        out[0] = m[: self.n0].sum(axis=0)
+        var = 1
+        for _, _, cols_w, _, cols_e in self.blocks:
+            pair = m[cols_w] + m[cols_e]
+            if self.per_neuron:
+                out[var : var + len(pair)] = pair
+                var += len(pair)
+            else:
+                out[var] = pair.sum(axis=0)
+                var += 1
+        return out
 
     def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
         p_mat = self.ut_times(xu)
         q_mat = self.ut_times(ziu)
-        pg = np.asarray(self.g @ np.asarray(self.g @ p_mat).T).T  # G P G (G symmetric)
-        h = np.asarray(self.s.T @ np.asarray(self.s.T @ (pg * q_mat)).T).T
+        pg = self._g_rows(self._g_rows(p_mat).T)  # (G P G)' = G P G (all symmetric)
+        pg *= q_mat
+        h = self._sum_groups(self._sum_groups(pg).T)
         return 0.5 * (h + h.T)
+
+
+class _BlockMatrix:
+    """A symmetric block-tridiagonal matrix with dense blocks; products with dense matrices by BLAS blocks
+    (a scipy.sparse product runs far below BLAS speed on these dense blocks)."""
+
+    def __init__(self, f: BlockTridiagonal):
+        self.f = f
+        sizes = [d.shape[0] for d in f.diag]
+        self.offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+    @property
+    def T(self) -> _BlockMatrix:
+        return self
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.offs[-1]), int(self.offs[-1]))
+
+    def __matmul__(self, m: np.ndarray) -> np.ndarray:
+        o, f = self.offs, self.f
+        out = np.empty((o[-1],) + m.shape[1:])
+        for k, d in enumerate(f.diag):
+            rows = d @ m[o[k] : o[k + 1]]
+            if k + 1 < len(f.diag):
+                rows += f.upper[k] @ m[o[k + 1] : o[k + 2]]
+            if k > 0:
+                rows += f.upper[k - 1].T @ m[o[k - 1] : o[k]]
+            out[o[k] : o[k + 1]] = rows
+        return out
+
+    def inner(self, m: np.ndarray) -> float:
+        """<self, m> for a dense symmetric m."""
+        o, f = self.offs, self.f
+        total = sum(float(np.sum(d * m[o[k] : o[k + 1], o[k] : o[k + 1]])) for k, d in enumerate(f.diag))
+        total += 2.0 * sum(float(np.sum(u * m[o[k] : o[k + 1], o[k + 1] : o[k + 2]])) for k, u in enumerate(f.upper))
+        return total
+
+    def toarray(self) -> np.ndarray:
+        return self.f.dense()
 
 
 @dataclass
@@ -194,20 +243,28 @@ class _Iterate:
         rhs = self.r_p - (sigma * mu * self.a_zinv - self.a_x)
         lin_part = sigma * mu / self.z_lin - self.x_lin
         if corr_x is not None:
-            rhs = rhs + st.a_bilinear(st.times_u(corr_x), np.asarray(corr_z @ self.ziu))
+            rhs = rhs + st.a_bilinear(st.times_u(corr_x), corr_z @ self.ziu)
             lin_part = lin_part - corr_lin
         rhs[1:] += lin_part  # A_lin(x) = -x on the multiplier rows
         dy = sla.cho_solve(self.chol_h, rhs, check_finite=False)
-        dz = -st.a_adjoint(dy, dense=False)
+        dz = st.adjoint_blocks(dy)
         dz_lin = dy[1:]
-        dx = sigma * mu * self.z_inv - self.x_mat - np.asarray((dz.T @ self.x_mat).T) @ self.z_inv
+        dx = sigma * mu * self.z_inv - self.x_mat - (dz @ self.x_mat).T @ self.z_inv
         if corr_x is not None:
-            dx = dx - np.asarray((corr_z.T @ corr_x).T) @ self.z_inv
+            dx = dx - (corr_z @ corr_x).T @ self.z_inv
         dx = 0.5 * (dx + dx.T)
         dx_lin = sigma * mu / self.z_lin - self.x_lin - self.x_lin * dz_lin / self.z_lin
         if corr_lin is not None:
             dx_lin = dx_lin - corr_lin
         return dx, dx_lin, dy, dz, dz_lin
+
+
+def _inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
+    """Z^-1 from the lower Cholesky factor of Z (LAPACK potri: half the work of two triangular solves)."""
+    inv, info = sla.lapack.dpotri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"potri failed ({info})")
+    return np.tril(inv) + np.tril(inv, -1).T
 
 
 def _is_pd(a: np.ndarray) -> bool:
@@ -224,22 +281,23 @@ def _max_step(lower: np.ndarray, dx: np.ndarray) -> float:
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
     n = dx.shape[0]
+    dx = dx.toarray() if hasattr(dx, "toarray") else dx
 
     def apply(v: np.ndarray) -> np.ndarray:
         w = sla.solve_triangular(lower, v, lower=True, trans="T", check_finite=False)
         return sla.solve_triangular(lower, dx @ w, lower=True, check_finite=False)
 
     if n <= 200:
-        dx = dx.toarray() if sp.issparse(dx) else dx
+        dx = dx.toarray() if hasattr(dx, "toarray") else dx
         tmp = sla.solve_triangular(lower, dx, lower=True, check_finite=False)
         m = sla.solve_triangular(lower, tmp.T, lower=True, check_finite=False)
         lam = sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
     else:
         op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
         try:
-            lam = eigsh(op, k=1, which="SA", tol=1e-6, maxiter=2000, return_eigenvectors=False)[0]
+            lam = eigsh(op, k=1, which="SA", tol=1e-3, maxiter=2000, return_eigenvectors=False)[0]
         except ArpackNoConvergence:
-            dx = dx.toarray() if sp.issparse(dx) else dx
+            dx = dx.toarray() if hasattr(dx, "toarray") else dx
             tmp = sla.solve_triangular(lower, dx, lower=True, check_finite=False)
             m = sla.solve_triangular(lower, tmp.T, lower=True, check_finite=False)
             lam = sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
@@ -269,6 +327,8 @@ def solve_lipsdp_ipm(
     down) it is restarted from its best multipliers, re-balanced so that F is equilibrated there.
     """
     start = time.perf_counter()
+    original = net
+    net, lift = _reduce_input(net)
     bal = Balancing.of(net, per_neuron=per_neuron)
     try:
         bal = bal.normalising_rho(_estimate_rho(bal.network(net)))
@@ -289,10 +349,7 @@ def solve_lipsdp_ipm(
             log.info("interior point broke down: %s", exc)
             res, x_mat = IPMResult(np.zeros(net.n_neurons), float("nan"), "numerical_error", 0, float("inf"), 0.0), None
         if x_mat is not None:
-            from lipsdp.dual import lower_bound_rho
-
-            lower_b = lower_bound_rho(net_b, x_mat, tied=not per_neuron)
-            res.rho_lower = bal.original_rho(lower_b) if lower_b is not None else None
+            res.rho_lower = _proven_lower(original, bal, x_mat, lift, per_neuron)
         if np.isfinite(res.rho):
             res.multipliers = bal.original_multipliers(net, res.multipliers)
             res.rho = bal.original_rho(res.rho)
@@ -313,6 +370,38 @@ def solve_lipsdp_ipm(
         best.status = res.status
     best.seconds = time.perf_counter() - start
     return best
+
+
+def _reduce_input(net: Network) -> tuple[Network, np.ndarray | None]:
+    """When the input is wider than the first hidden layer (n_0 > n_1, e.g. 784-pixel images), replace
+    W_0 = R' Q' (thin QR, Q with orthonormal columns) by the square R'. The LMI of the reduced network has
+    the same optimum: congruence with [Q, Q_perp] on the input block leaves rho I on the complement,
+    decoupled from everything else. The multipliers are the same variables, so they are certified on the
+    original network (the QR is not exact); the LMI shrinks by n_0 - n_1. Returns the net and Q (or None)."""
+    w0 = net.weights[0]
+    if net.depth == 0 or w0.shape[1] <= w0.shape[0]:
+        return net, None
+    q, r = np.linalg.qr(w0.T, mode="reduced")
+    return replace(net, weights=(np.ascontiguousarray(r.T),) + tuple(net.weights[1:])), q
+
+
+def _proven_lower(
+    net: Network, bal: Balancing, x_mat: np.ndarray, lift: np.ndarray | None, per_neuron: bool
+) -> float | None:
+    """Proven lower bound on the optimal rho of `net` from the balanced (possibly input-reduced) dual
+    matrix: its factor, lifted back to the full input space, is a dual point of the balanced original."""
+    from lipsdp.dual import factor, lower_bound_rho
+
+    v = factor(x_mat)
+    if v is None:
+        return None
+    if lift is not None:
+        n1 = lift.shape[1]
+        v = np.vstack([lift @ v[:n1], v[n1:]])
+    if not bal.is_exact(net):
+        return None
+    lower_b = lower_bound_rho(bal.network(net), v, tied=not per_neuron)
+    return bal.original_rho(lower_b) if lower_b is not None else None
 
 
 def _estimate_rho(net: Network) -> float:
@@ -359,7 +448,7 @@ def _solve_balanced(
     rho0 = (schur_rho(net, np.repeat(t0, net.hidden_sizes) if not per_neuron else t0) or 1.0) * 1.1 + 1e-6
     y = np.concatenate([[rho0], t0])
     for _ in range(60):
-        z_mat = st.c - st.a_adjoint(y)
+        z_mat = st.slack(y)
         if _is_pd(z_mat):
             break
         y[0] *= 2.0
@@ -380,8 +469,7 @@ def _solve_balanced(
             chol_z = sla.cho_factor(z_mat, lower=True, check_finite=False)
             lz = np.tril(chol_z[0])
             lx = np.linalg.cholesky(x_mat)
-            z_inv = sla.cho_solve(chol_z, np.eye(n), check_finite=False)
-            z_inv = 0.5 * (z_inv + z_inv.T)
+            z_inv = _inverse_from_cholesky(lz)
             ziu = st.times_u(z_inv)
             # residuals
             a_x = st.a_bilinear(None, xu)  # A(X)
@@ -389,7 +477,7 @@ def _solve_balanced(
             r_p[1:] += x_lin  # A_lin(x) = -x on the multiplier rows
             # Z is recomputed from y at every step, so the dual residual is zero up to rounding.
             mu = (float(np.sum(x_mat * z_mat)) + float(x_lin @ z_lin)) / n_total
-            pobj = float(np.sum(st.c * x_mat))
+            pobj = st.primal_objective(x_mat)
             dobj = float(st.b @ y)
             gap = abs(pobj - dobj) / (1.0 + abs(pobj) + abs(dobj))
             p_inf = np.linalg.norm(r_p) / (1.0 + np.linalg.norm(st.b))
@@ -422,7 +510,8 @@ def _solve_balanced(
             ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
             ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
             mu_aff = (
-                float(np.sum((x_mat + ap * dx) * (z_mat + ad * dz.toarray())))
+                float(np.sum((x_mat + ap * dx) * z_mat))
+                + ad * (dz.inner(x_mat) + ap * dz.inner(dx))
                 + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
             ) / n_total
             sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
@@ -439,7 +528,7 @@ def _solve_balanced(
             x_lin = x_lin + ap * dx_lin
             for _ in range(30):
                 y_new = y + ad * dy
-                z_new = st.c - st.a_adjoint(y_new)
+                z_new = st.slack(y_new)
                 if np.all(y_new[1:] > 0) and _is_pd(z_new):
                     break
                 ad *= 0.5
