@@ -109,6 +109,8 @@ def _pow2(e: int):
     out = _POW2.get(e)
     if out is None:
         out = _flint().arb(2) ** int(e)
+        if not out.is_exact():  # pragma: no cover - arb computes powers of two exactly
+            raise _Reject(f"2^{e} is not exact in the ball arithmetic")
         _POW2[e] = out
     return out
 
@@ -315,7 +317,7 @@ def _region_ranges(net: Any, region: dict[str, Any]) -> list[tuple[list, list]]:
     w0 = _mat(net.weights[0])
     if region["kind"] == "box":
         low, high = np.asarray(region["low"], float), np.asarray(region["high"], float)
-        if low.shape != (n0,) or high.shape != (n0,) or not np.all(low <= high) or not np.all(np.isfinite(low + high)):
+        if low.shape != (n0,) or high.shape != (n0,) or not np.all(low <= high) or not np.all(np.isfinite(low) & np.isfinite(high)):
             raise _Reject(f"the certificate's box must have {n0} finite entries with low <= high")
         mid = [(arb(a) + arb(b)) / 2 for a, b in zip(low, high)]
         rad = [(arb(b) - arb(a)) / 2 for a, b in zip(low, high)]
