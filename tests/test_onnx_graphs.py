@@ -263,7 +263,7 @@ def test_keras_style_channels_last_transposes_fold_into_the_weights(tmp_path):
 
 
 @pytest.mark.parametrize("opset", [11, 13])
-def test_squeeze_unsqueeze_identity_dropout_are_no_ops(tmp_path, opset):
+def test_squeeze_unsqueeze_cast_identity_dropout_are_no_ops(tmp_path, opset):
     """(1, 1, 5) inputs squeezed and unsqueezed around Gemms; axes as attribute (opset 11) or input (13)."""
     init = {"w1": f32(7, 5), "w2": f32(2, 7)}
     if opset >= 13:
@@ -281,7 +281,8 @@ def test_squeeze_unsqueeze_identity_dropout_are_no_ops(tmp_path, opset):
         helper.make_node("Relu", ["g"], ["h"]),
         unsqueeze,
         squeeze2,
-        helper.make_node("Identity", ["v"], ["i"]),
+        helper.make_node("Cast", ["v"], ["cv"], to=TensorProto.FLOAT),
+        helper.make_node("Identity", ["cv"], ["i"]),
         helper.make_node("Dropout", ["i"], ["d"]),
         helper.make_node("Gemm", ["d", "w2"], ["y"], transB=1),
     ]

@@ -105,6 +105,24 @@ def test_torch_export_onnx_and_hand_built_network_agree(tmp_path):
         assert bounds[0] == bounds[1] == bounds[2]
 
 
+def test_clamp_at_zero_is_relu_and_relu6_is_refused():
+    class Clamped(nn.Module):
+        def __init__(self, upper: float | None) -> None:
+            super().__init__()
+            torch.manual_seed(6)
+            self.a, self.b, self.upper = nn.Linear(3, 5), nn.Linear(5, 2), upper
+
+        def forward(self, x):
+            return self.b(self.a(x).clamp(min=0.0, max=self.upper))
+
+    net = load_network(Clamped(None))
+    assert [a.name for a in net.activations] == ["relu"]
+    x = np.random.default_rng(8).standard_normal((6, 3))
+    np.testing.assert_allclose(net.forward(x), torch_forward(Clamped(None), x, (3,)), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ModelLoadError, match=r"'clamp' \(aten\.clamp\.default\) is not supported"):
+        load_network(Clamped(6.0))
+
+
 def test_sequential_fast_path_and_export_path_read_the_same_numbers():
     torch.manual_seed(4)
     model = nn.Sequential(

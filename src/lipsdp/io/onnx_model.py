@@ -174,8 +174,8 @@ class _OnnxChain:
             self.squeeze(node, attrs, where)
         elif op == "Transpose":
             self.layout.transpose(attrs.get("perm", range(len(self.shape) - 1, -1, -1)), where)
-        elif op in ("Identity", "Dropout"):
-            pass
+        elif op in ("Identity", "Dropout") or (op == "Cast" and int(attrs.get("to", 0)) in (1, 11)):
+            pass  # no-ops at evaluation; a Cast to float32 / float64 keeps the values
         elif op in _ACTIVATIONS:
             b.activation(activation(_ACTIVATIONS[op]))
         elif op == "LeakyRelu":

@@ -51,7 +51,14 @@ _HINTS = {
     "gelu": "GELU is not monotone (its slope dips below 0), so it has no slope bounds [0, beta] here",
     "silu": "SiLU is not monotone (its slope dips below 0), so it has no slope bounds [0, beta] here",
     "hardtanh": "hardtanh (clamp) is slope-restricted on [0, 1] but not yet one of lipsdp's activations",
+    "relu6": "relu6 (clamp to [0, 6]) is slope-restricted on [0, 1] but not yet one of lipsdp's activations",
 }
+def _hint(name: str) -> str | None:
+    """The hint for an op name: short keys ('cat', 'bmm') match exactly, longer ones as substrings."""
+    base = name.lstrip("_")
+    return next((text for key, text in _HINTS.items() if base == key or (len(key) > 4 and key in base)), None)
+
+
 _IDENTITY = {"alias", "clone", "contiguous", "detach", "lift_fresh_copy", "_to_copy", "to"}
 _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze", "unflatten"}
 _TRANSPOSES = {"permute", "transpose", "t", "numpy_T"}
@@ -202,7 +209,7 @@ class _ExportChain:
             return
         if len(data) > 1 or any(d is not data[0] for d in data):
             kind = " (a residual connection)" if name in ("add", "sub") else ""
-            hint = f"; {_HINTS[name]}" if name in _HINTS else ""
+            hint = f"; {_hint(name)}" if _hint(name) else ""
             raise UnsupportedLayerError(
                 f"{self.source}: {where} combines computed tensors ({', '.join(d.name for d in data)}){kind}{hint}; "
                 "residual and branching graphs are not supported yet, lipsdp reads chains only"
@@ -284,6 +291,8 @@ class _ExportChain:
             self.elementwise(node, name, args, kwargs, out_shape, where)
         elif name in _ACTIVATIONS:
             b.activation(activation(_ACTIVATIONS[name]))
+        elif name in ("clamp", "clamp_min", "clamp_") and _is_relu_clamp(name, args, kwargs):
+            b.activation(activation("relu"))  # x.clamp(min=0)
         elif name in ("leaky_relu", "leaky_relu_"):
             b.activation(activation("leaky_relu", float(_arg(args, kwargs, 1, "negative_slope", 0.01))))
         elif name in ("elu", "elu_"):
@@ -299,8 +308,7 @@ class _ExportChain:
                 )
             b.activation(activation("softplus"))
         else:
-            hint = next((h for key, h in _HINTS.items() if key in name), None)
-            hint = f" ({hint})" if hint else ""
+            hint = f" ({_hint(name)})" if _hint(name) else ""
             raise UnsupportedLayerError(
                 f"{self.source}: {where} is not supported{hint}; lipsdp reads chains of {SUPPORTED_OPS}"
             )
@@ -463,6 +471,13 @@ class _ExportChain:
             self.diagonal(1.0 / c, None, where)
         else:
             raise UnsupportedLayerError(f"{self.source}: {where}: dividing a constant by the data is not affine")
+
+
+def _is_relu_clamp(name: str, args: list, kwargs: dict) -> bool:
+    """clamp(x, min=0) with no upper limit is exactly relu(x)."""
+    low = _arg(args, kwargs, 1, "min", None)
+    high = None if name == "clamp_min" else _arg(args, kwargs, 2, "max", None)
+    return high is None and low is not None and not hasattr(low, "shape") and float(low) == 0.0
 
 
 def _arg(args: list, kwargs: dict, index: int, name: str, default: Any) -> Any:
