@@ -98,14 +98,28 @@ def print_table(
 
 RESULT_COLUMNS = (
     Column("model", fold=True, justify="left"), Column("method"), Column("upper (verified)"), Column("lower"),
-    Column("upper/lower"), Column("raw"), Column("seconds"),
+    Column("upper/lower"), Column("gap (proved)"), Column("raw"), Column("seconds"),
 )
+
+
+def _gap(x: float | None) -> str:
+    """A proven relative gap to the SDP optimum, as a percentage with 2 significant digits."""
+    return "-" if x is None else f"{100.0 * x:.2g}%"
+
+
+def gap_sentence(r) -> str | None:
+    """'within x% of the LipSDP-Neuron optimum (proved)' for results that carry a proven SDP lower bound."""
+    if r.gap is None:
+        return None
+    variant = {"layer": "LipSDP-Layer"}.get(r.method, "LipSDP-Neuron")
+    return f"within {_gap(r.gap)} of the {variant} optimum (proved: its lower bound is {_fmt(r.sdp_lower)})"
 
 
 def result_rows(rows: list[tuple[str, object]]) -> list[list[str]]:
     """The cells of the estimate table: one row per (label, Result), every bound with 6 digits."""
     return [
-        [label, r.method, _fmt(r.upper), _fmt(r.lower), _fmt(r.ratio, 4), _fmt(r.raw), f"{r.seconds:.2f}"]
+        [label, r.method, _fmt(r.upper), _fmt(r.lower), _fmt(r.ratio, 4), _gap(r.gap), _fmt(r.raw),
+         f"{r.seconds:.2f}"]
         for label, r in rows
     ]
 
@@ -212,6 +226,8 @@ def estimate(
         labels = model_labels(paths)
         print_table(RESULT_COLUMNS, result_rows([(labels[i], done[i]) for i in kept]))
         for i in kept:
+            if (sentence := gap_sentence(done[i])) is not None:
+                console.print(f"{escape(labels[i])}: {sentence}", highlight=False)
             for note in done[i].notes:
                 console.print(f"[dim]{escape(labels[i])}: {escape(note)}[/]", highlight=False)
     if failed:  # every other model's result is printed (and in --out); the exit code says not all are
@@ -418,14 +434,18 @@ def compare(
         print(json.dumps([dict(r.result.to_dict(), peak_mib=r.peak_bytes / 2**20) for r in rows], indent=2))
         return
     print_table(
-        [Column(c) for c in ("method", "upper (verified)", "lower", "upper/lower", "seconds", "peak MiB")],
+        [Column(c) for c in ("method", "upper (verified)", "lower", "upper/lower", "gap (proved)", "seconds",
+                             "peak MiB")],
         [
             [r.result.method, _fmt(r.result.upper), _fmt(r.result.lower), _fmt(r.result.ratio, 4),
-             f"{r.result.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"]
+             _gap(r.result.gap), f"{r.result.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"]
             for r in rows
         ],
         title=f"{path.name} (lower bound {_fmt(lower_value)})",
     )
+    for r in rows:
+        if (sentence := gap_sentence(r.result)) is not None:
+            console.print(f"{r.result.method}: {sentence}", highlight=False)
 
 
 @app.command()

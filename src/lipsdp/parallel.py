@@ -16,7 +16,7 @@ from typing import Any
 def _pin_threads() -> None:
     """Worker-process initialiser: one thread for libraries that read these variables when they start
     (e.g. Clarabel's Rayon pool); already-loaded BLAS and torch are pinned per task by `_call_pinned`."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "LIPSDP_THREADS"):
         os.environ[var] = "1"
 
 
@@ -84,8 +84,14 @@ def _call_pinned(func: Callable[..., Any], args: tuple) -> Any:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    before = os.environ.get("LIPSDP_THREADS")
+    os.environ["LIPSDP_THREADS"] = "1"  # every bound in this task: one thread (see lipsdp.threads)
     try:
         with threadpool_limits(1):
             return func(*args)
     finally:
         torch.set_num_threads(threads)
+        if before is None:
+            os.environ.pop("LIPSDP_THREADS", None)
+        else:
+            os.environ["LIPSDP_THREADS"] = before
