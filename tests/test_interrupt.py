@@ -5,6 +5,7 @@ keeping the JSON lines of every model that finished before the interrupt."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -45,10 +46,12 @@ def _wait_for_line(path: Path, proc: subprocess.Popen, deadline_s: float = 120.0
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX signals and named pipes")
-def test_sigint_keeps_finished_results(tmp_path):
+@pytest.mark.parametrize("suffix", [".npz", ".mat"], ids=["in-process", "isolated-loader"])
+def test_sigint_keeps_finished_results(tmp_path, suffix):
     """Synchronised on events, not sleeps: the second model is a named pipe nobody writes to, so its
-    loader blocks until the SIGINT, which is sent only once the first model's JSON line is in --out."""
-    blocked = tmp_path / "blocked.npz"
+    loader blocks until the SIGINT, which is sent only once the first model's JSON line is in --out.
+    A .mat file is read in a child process (lipsdp.io.isolation): Ctrl-C must not leave that child behind."""
+    blocked = tmp_path / f"blocked{suffix}"
     os.mkfifo(blocked)
     out = tmp_path / "results.jsonl"
     fast = EXAMPLES / "tanh_controller.npz"
@@ -68,6 +71,11 @@ def test_sigint_keeps_finished_results(tmp_path):
     assert len(stderr.strip().splitlines()) == 1
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["model"] == str(fast)
+    # No process still has the pipe open for reading (a left-over loader would): opening the write end
+    # without blocking then fails with ENXIO.
+    with pytest.raises(OSError) as info:
+        os.close(os.open(blocked, os.O_WRONLY | os.O_NONBLOCK))
+    assert info.value.errno == errno.ENXIO
 
 
 def test_cli_repeatable(tmp_path):

@@ -170,3 +170,12 @@ def test_onnx_loads_under_a_small_memory_limit(tmp_path, monkeypatch):
     path.write_bytes(model.SerializeToString())
     monkeypatch.setenv("LIPSDP_LOAD_MEMORY_GIB", "0.5")
     assert load_network(path).sizes == [3, 2]
+
+
+def test_works_from_a_thread(tmp_path):
+    """Loaders also run in worker threads (e.g. Dask): the forked child must still report back."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(r=run_isolated(_returns_arrays, tmp_path / "t.bin")))
+    thread.start()
+    thread.join()
+    assert out["r"]["pid"] != os.getpid() and out["r"]["name"] == "t.bin"

@@ -101,7 +101,10 @@ def _child(write_fd: int, func: Callable[..., Any], path: Path, args: tuple, kwa
     """Runs in the forked child; never returns."""
     code = _EXIT_OK
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:  # SIGINT is also still blocked (inherited mask); the parent owns Ctrl-C
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # pragma: no cover - not the main thread
+            pass
         try:
             import faulthandler
 
@@ -134,6 +137,19 @@ def _child(write_fd: int, func: Callable[..., Any], path: Path, args: tuple, kwa
         code = _EXIT_UNREPORTED
     finally:
         os._exit(code)
+
+
+def _hold_sigint() -> Any:
+    """Block SIGINT in this thread (it stays pending); the previous mask, or None where unsupported."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _release(mask: Any) -> None:
+    """Restore the mask `_hold_sigint` returned (a pending SIGINT is then delivered)."""
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _describe_signal(number: int) -> str:
@@ -171,16 +187,28 @@ def run_isolated(
     if memory is None:
         memory = int(_env_float("LIPSDP_LOAD_MEMORY_GIB", DEFAULT_MEMORY / 2**30) * 2**30)
     read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():  # Python 3.12+ warns about fork in a threaded process; see the docstring
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
-        pid = os.fork()
+    # Ctrl-C is held back from fork until the parent is inside the try below, whose `finally` stops the
+    # child: otherwise a KeyboardInterrupt right after fork would leave the child running.
+    mask = _hold_sigint()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns about fork in a threaded process (docstring)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
+            pid = os.fork()
+    except BaseException as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        _release(mask)
+        if isinstance(exc, OSError):
+            raise ModelLoadError(f"{path}: cannot start the process that reads the file ({exc})") from None
+        raise
     if pid == 0:  # pragma: no cover - the child; coverage cannot see it
         os.close(read_fd)
         _child(write_fd, func, path, args, kwargs, memory, timeout)
-    os.close(write_fd)
     chunks: list[bytes] = []
     reaped = False
     try:
+        os.close(write_fd)
+        _release(mask)  # a Ctrl-C that came meanwhile is raised here, inside the try
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -199,6 +227,7 @@ def run_isolated(
         _, status = os.waitpid(pid, 0)
         reaped = True
     finally:
+        _release(mask)
         os.close(read_fd)
         if not reaped:  # an exception (e.g. KeyboardInterrupt) in the parent: stop the child
             os.kill(pid, signal.SIGKILL)
