@@ -60,7 +60,7 @@ def _describe(node: Any, index: int) -> str:
 
 
 class _OnnxChain:
-    """Walks the nodes of a chain graph, tracking the per-sample shape, and feeds a ChainBuilder."""
+    """Walks the nodes of a chain graph, tracking the shape of one sample's tensor (batch 1), and feeds a ChainBuilder."""
 
     def __init__(self, path: Path, prepared: Any) -> None:
         self.path = path
