@@ -121,3 +121,15 @@ def test_subprocess_errors_have_no_traceback(args):
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["estimate", "compare", "certify"])
+def test_load_error_names_the_file_once(tmp_path, command):
+    path = tmp_path / "junk.mat"
+    path.write_bytes(b"MATLAB 5.0 MAT-file, but garbage afterwards")
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.zeros((2, 2)), y=np.zeros(2, dtype=int))
+    args = [command, str(path)] + ([str(data)] if command == "certify" else [])
+    result = invoke(*args)
+    assert_clean_error(result, "junk.mat")
+    assert result.stderr.count(str(path)) == 1, result.stderr

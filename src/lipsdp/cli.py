@@ -29,6 +29,12 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _about(path: Path, exc: Exception) -> str:
+    """The error's message, led by the file it concerns (once: loaders already name their file)."""
+    message = str(exc)
+    return message if message.startswith(f"{path}:") else f"{path}: {message}"
+
+
 def _fmt(x: float | None, digits: int = 6) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -355,7 +361,7 @@ def certify(
     try:
         cert = run_certify(model, x, y, method=method, bound=bound, solver=solver, workers=workers)
     except LipSDPError as exc:
-        _fail(f"{model}: {exc}")
+        _fail(_about(model, exc))
     if as_json:
         print(json.dumps(dict(cert.to_dict(values), model=str(model)), indent=2))
         return
@@ -383,7 +389,7 @@ def _certify_vnnlib(
     try:
         results = certify_properties(model, props, method=method, bound=bound, solver=solver, workers=workers)
     except LipSDPError as exc:
-        _fail(f"{model}: {exc}")
+        _fail(_about(model, exc))
     if as_json:
         print(json.dumps({"model": str(model), "properties": [r.to_dict() for r in results]}, indent=2))
         return
@@ -422,7 +428,7 @@ def compare(
                 on_done=lambda row: status.update(f"{row.result.method} done; running the next tier..."),
             )
     except LipSDPError as exc:
-        _fail(f"{path}: {exc}")
+        _fail(_about(path, exc))
     if plot is not None:
         import matplotlib
 
