@@ -34,6 +34,8 @@ class Result:
     sdp_lower proven lower bound on the optimum of the LipSDP variant the method solves (`neuron`, `layer`),
               from the solver's dual iterate (`lipsdp.dual`); `gap` = upper / sdp_lower - 1 is then the
               proven distance of `upper` to the best bound that LipSDP variant can give
+    proof     the data that proves `upper` (`lipsdp.proof.Proof`: rho and multipliers, or per-layer norms, and
+              the exact transforms from your network); `save_certificate` writes it for `lipsdp.verify`
     """
 
     upper: float
