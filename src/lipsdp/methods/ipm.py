@@ -155,6 +155,16 @@ class _Structure:
             out[cols_e] = 2.0 * me - self.apb[k][:, None] * mw
         return out
 
+    def _g_cols(self, m: np.ndarray) -> np.ndarray:
+        """M G (G symmetric), on column slices of a row-major M (no transposed copies)."""
+        out = np.empty_like(m)
+        out[:, : self.n0] = m[:, : self.n0]
+        for k, (_, _, cols_w, _, cols_e) in enumerate(self.blocks):
+            mw, me = m[:, cols_w], m[:, cols_e]
+            out[:, cols_w] = self.ab2[k][None, :] * mw - self.apb[k][None, :] * me
+            out[:, cols_e] = 2.0 * me - self.apb[k][None, :] * mw
+        return out
+
     def _sum_groups(self, m: np.ndarray) -> np.ndarray:
         """S' M: rows summed into their variable (rho; one neuron's two columns; or a whole layer)."""
         out = np.empty((self.m,) + m.shape[1:])
@@ -173,7 +183,7 @@ class _Structure:
     def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
         p_mat = self.ut_times(xu)
         q_mat = self.ut_times(ziu)
-        pg = self._g_rows(self._g_rows(p_mat).T)  # (G P G)' = G P G (all symmetric)
+        pg = self._g_cols(self._g_rows(p_mat))  # G P G
         pg *= q_mat
         h = self._sum_groups(self._sum_groups(pg).T)
         return 0.5 * (h + h.T)
@@ -249,10 +259,13 @@ class _Iterate:
         dy = sla.cho_solve(self.chol_h, rhs, check_finite=False)
         dz = st.adjoint_blocks(dy)
         dz_lin = dy[1:]
-        dx = sigma * mu * self.z_inv - self.x_mat - (dz @ self.x_mat).T @ self.z_inv
+        prod = dz @ self.x_mat
         if corr_x is not None:
-            dx = dx - (corr_z @ corr_x).T @ self.z_inv
-        dx = 0.5 * (dx + dx.T)
+            prod += corr_z @ corr_x
+        dx = prod.T @ self.z_inv  # X dZ Z^-1 (+ dX_aff dZ_aff Z^-1): one product with Z^-1
+        dx -= sigma * mu * self.z_inv
+        dx += self.x_mat
+        dx = -0.5 * (dx + dx.T)
         dx_lin = sigma * mu / self.z_lin - self.x_lin - self.x_lin * dz_lin / self.z_lin
         if corr_lin is not None:
             dx_lin = dx_lin - corr_lin
