@@ -173,7 +173,15 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
     # The lower bound is for the LMI actually solved; widened slopes make that LMI's optimum larger than
     # the network's, so it is not reported then.
     if res.rho_lower is not None and not widened:
-        out.sdp_lower = min(out.upper, float(np.sqrt(res.rho_lower)) * (1.0 - 2.0**-52))
+        out.sdp_lower = float(np.sqrt(res.rho_lower)) * (1.0 - 2.0**-52)
+        if out.sdp_lower > out.upper * (1 + 1e-9):
+            from lipsdp.errors import VerificationError
+
+            raise VerificationError(
+                f"internal inconsistency: the proven SDP lower bound {out.sdp_lower} exceeds the verified upper "
+                f"bound {out.upper}; please report this network"
+            )
+        out.sdp_lower = min(out.sdp_lower, out.upper)
     gap = out.upper / out.sdp_lower - 1.0 if out.sdp_lower else None
     out.status = "optimal" if gap is not None and gap <= OPTIMAL_GAP else (
         res.status if res.status != "optimal" else "not_proven")
