@@ -9,6 +9,7 @@ of ../shared/realnets (skipped when absent).
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def nonnegative_net(activation: str, seed: int, depth: int = 3) -> tuple[Network
     sizes = [4] + [6] * depth + [3]
     weights = [
         rng.uniform(0.1, 1.0, (b, a)) * 10.0 ** rng.uniform(-4, 4, (b, 1)) * 10.0 ** rng.uniform(-4, 4, (1, a))
-        for a, b in zip(sizes[:-1], sizes[1:])
+        for a, b in itertools.pairwise(sizes)
     ]
     product = weights[0]
     for w in weights[1:]:

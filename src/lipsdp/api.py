@@ -176,7 +176,7 @@ def estimate(
         steps.append(Step("localize", keep=tuple(tuple(int(i) for i in k) for k in local.kept), region=record,
                           zeroed=tuple(local.zeroed)))
     if pair is not None:
-        from lipsdp.robustness import pair_network
+        from lipsdp.network import pair_network
 
         net = pair_network(net, pair)
         steps.append(Step("pair", pair=(int(pair[0]), int(pair[1]))))

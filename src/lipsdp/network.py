@@ -198,3 +198,16 @@ def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
     if act.name == "elu":
         return np.where(h > 0, h, act.param * np.expm1(np.minimum(h, 0.0)))
     raise InvalidNetworkError(f"activation {act.name} has no forward implementation")
+
+
+def pair_network(net: Network, pair: Sequence[int]) -> Network:
+    """The network computing f_i - f_j (last layer: row i minus row j)."""
+    try:
+        i, j = (int(v) for v in pair)
+    except (TypeError, ValueError):
+        raise InvalidNetworkError(f"pair must be two class indices (i, j), got {pair!r}") from None
+    n_out = net.sizes[-1]
+    if not (0 <= i < n_out and 0 <= j < n_out) or i == j:
+        raise InvalidNetworkError(f"pair {pair!r}: need two different class indices in 0..{n_out - 1}")
+    w, b = net.weights[-1], net.biases[-1]
+    return net.with_last_weight(w[i] - w[j], np.atleast_1d(b[i] - b[j]))

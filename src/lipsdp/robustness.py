@@ -18,22 +18,9 @@ from typing import Any
 import numpy as np
 
 from lipsdp.errors import LipSDPError
-from lipsdp.network import Network
+from lipsdp.network import Network, pair_network
 
 log = logging.getLogger(__name__)
-
-
-def pair_network(net: Network, pair: Sequence[int]) -> Network:
-    """The network computing f_i - f_j (last layer: row i minus row j)."""
-    try:
-        i, j = (int(v) for v in pair)
-    except (TypeError, ValueError):
-        raise LipSDPError(f"pair must be two class indices (i, j), got {pair!r}") from None
-    n_out = net.sizes[-1]
-    if not (0 <= i < n_out and 0 <= j < n_out) or i == j:
-        raise LipSDPError(f"pair {pair!r}: need two different class indices in 0..{n_out - 1}")
-    w, b = net.weights[-1], net.biases[-1]
-    return net.with_last_weight(w[i] - w[j], np.atleast_1d(b[i] - b[j]))
 
 
 def _pair_task(net: Network, pair: tuple[int, int], method: str, options: dict[str, Any]):

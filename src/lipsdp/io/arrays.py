@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsdp.errors import LipSDPError, ModelLoadError
+from lipsdp.errors import ModelLoadError
 from lipsdp.network import Network
 
 
@@ -23,15 +23,8 @@ def _numbered(keys: list[str], prefix: str, source: str = "weight file") -> list
     return [k for _, k in found]
 
 
-def _build(source: str, weights: list[np.ndarray], biases, activations) -> Network:
-    try:
-        return Network.from_arrays(weights, activations, biases)
-    except LipSDPError as exc:
-        raise type(exc)(f"{source}: {exc}") from None
-
-
-# Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
-MAX_ARRAY_ELEMENTS = 2**28
+from lipsdp.io.chain import MAX_ARRAY_ELEMENTS
+from lipsdp.io.chain import build_from_arrays as _build
 
 
 def _check_npz_headers(path: Path) -> None:

@@ -12,8 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 from lipsdp.activations import Activation, activation
-from lipsdp.errors import UnsupportedLayerError
+from lipsdp.errors import LipSDPError, UnsupportedLayerError
 from lipsdp.network import Network
+
+# Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
+MAX_ARRAY_ELEMENTS = 2**28
+
+
+def build_from_arrays(source: str, weights: list[np.ndarray], biases, activations) -> Network:
+    """`Network.from_arrays`, with the file name in front of any error message."""
+    try:
+        return Network.from_arrays(weights, activations, biases)
+    except LipSDPError as exc:
+        raise type(exc)(f"{source}: {exc}") from None
 
 
 def compose_activations(first: Activation, second: Activation) -> Activation:

@@ -58,7 +58,7 @@ class _Reader:
             raise self.fail(f"{what} is a MATLAB{sparse} {kind}, not a matrix or cell array")
         if obj.external or obj.is_virtual:
             raise self.fail(f"{what} keeps its data outside the file; lipsdp reads self-contained files only")
-        from lipsdp.io.arrays import MAX_ARRAY_ELEMENTS
+        from lipsdp.io.chain import MAX_ARRAY_ELEMENTS
 
         n = int(np.prod(obj.shape, dtype=object)) if obj.shape else 1
         if n > MAX_ARRAY_ELEMENTS:
@@ -118,7 +118,7 @@ def load_mat73(path: str | Path) -> Network:
     """Read a MATLAB v7.3 (HDF5) `.mat` file in the original LipSDP layout (see the module docstring)."""
     import h5py
 
-    from lipsdp.io.arrays import _build
+    from lipsdp.io.chain import build_from_arrays as _build
 
     path = Path(path)
     try:
