@@ -166,6 +166,24 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
     return best if negative_min_eig(res.x) <= negative_min_eig(centre) else tau0
 
 
+def _norm_estimate(w: np.ndarray, steps: int = 30) -> float:
+    """||w||_2 to a few per cent (power iteration from a fixed start): enough to choose a power of two,
+    and O(steps * size) instead of an SVD."""
+    if min(w.shape) <= 64:
+        return float(np.linalg.norm(w, 2))
+    v = np.ones(w.shape[1]) / np.sqrt(w.shape[1]) + 1e-3 * np.cos(np.arange(w.shape[1]))
+    norm = 0.0
+    for _ in range(steps):
+        u = w @ v
+        v = w.T @ u
+        norm_v = float(np.linalg.norm(v))
+        if not (norm_v > 0 and np.isfinite(norm_v)):
+            return float(np.linalg.norm(w))
+        norm = float(np.sqrt(norm_v))
+        v /= norm_v
+    return norm
+
+
 @dataclass(frozen=True)
 class Balancing:
     """Exact power-of-two diagonal congruence of the LMI, one factor per coordinate.
@@ -217,7 +235,7 @@ class Balancing:
         scaled = bal.network(net)
         wanted = []
         for w in scaled.weights:
-            norm = float(np.linalg.norm(w, 2)) if min(w.shape) <= 512 else float(np.linalg.norm(w))
+            norm = _norm_estimate(w)
             wanted.append(-int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
         # W^_k = W_k 2^(c_k - c_{k+1}) with block exponents c; c_{l+1} = 0 and c_k - c_{k+1} = wanted[k]
         block = [0] * (len(scaled.weights) + 1)
