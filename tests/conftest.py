@@ -36,6 +36,15 @@ def he_network(sizes: list[int], seed: int, activation="relu", bias_scale: float
 def _slopes(net: Network, k: int, z: np.ndarray) -> np.ndarray:
     """Derivative of hidden activation k at pre-activations z (piecewise-linear activations only)."""
     act = net.activations[k]
+    passing = getattr(act, "identity", None)  # a layer with pass-through neurons (lipsdp.graph)
+    if passing is not None:
+        s = _slopes_of(act.base, z)
+        s[..., list(passing)] = 1.0
+        return s
+    return _slopes_of(act, z)
+
+
+def _slopes_of(act, z: np.ndarray) -> np.ndarray:
     if act.name == "relu":
         return (z > 0).astype(float)
     if act.name == "leaky_relu":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from lipsdp.errors import InvalidNetworkError
 
 
@@ -27,6 +29,68 @@ class Activation:
 
     def label(self) -> str:
         return self.name if self.param is None else f"{self.name}({self.param:g})"
+
+    def slope_vectors(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-neuron slope bounds (alpha, beta) of a hidden layer of n neurons with this activation."""
+        return np.full(n, self.alpha), np.full(n, self.beta)
+
+
+@dataclass(frozen=True)
+class Mixed(Activation):
+    """A hidden layer whose neurons `identity` (sorted indices) pass their pre-activation through unchanged
+    and whose other neurons apply `base`; the layer has `size` neurons.
+
+    Lowered graphs (`lipsdp.graph`) carry values to later layers this way: x = identity(x) exactly, with
+    slope bounds [1, 1] beside the [alpha, beta] of `base`. `alpha` and `beta` are the layer-wide hull;
+    `slope_vectors` gives the exact per-neuron bounds. Build one with `mixed(base, identity, size)`.
+    """
+
+    base: Activation | None = None
+    identity: tuple[int, ...] = ()
+    size: int = 0
+
+    def label(self) -> str:
+        return self.name
+
+    def slope_vectors(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n != self.size:
+            raise InvalidNetworkError(f"a {self.name} activation of {self.size} neurons is given a layer of {n}")
+        alpha, beta = np.full(n, self.base.alpha), np.full(n, self.base.beta)
+        alpha[list(self.identity)] = 1.0
+        beta[list(self.identity)] = 1.0
+        return alpha, beta
+
+    def mask(self) -> np.ndarray:
+        """Boolean mask of the pass-through (identity) neurons."""
+        out = np.zeros(self.size, dtype=bool)
+        out[list(self.identity)] = True
+        return out
+
+    def select(self, keep: np.ndarray) -> Activation:
+        """The activation of the neurons `keep` (a boolean mask or increasing indices) of this layer."""
+        mask = self.mask()[np.asarray(keep)]
+        return mixed(self.base, np.flatnonzero(mask), int(mask.size))
+
+
+def mixed(base: Activation, identity, size: int) -> Activation:
+    """`base` on every neuron of a layer of `size` except the pass-through neurons `identity` (indices).
+
+    Returns `base` itself when no neuron passes through, and the identity when every neuron does."""
+    idx = tuple(sorted({int(i) for i in np.asarray(identity, dtype=np.int64).reshape(-1)}))
+    if idx and (idx[0] < 0 or idx[-1] >= size):
+        raise InvalidNetworkError(f"pass-through neuron indices must lie in 0..{size - 1}")
+    if not idx or base.name == "identity":
+        return base
+    if len(idx) == size:
+        return activation("identity")
+    if isinstance(base, Mixed) or "+" in base.name:
+        raise InvalidNetworkError(f"a layer with pass-through neurons needs a plain activation, not {base.name}")
+    return Mixed(f"{base.label()}|identity", min(base.alpha, 1.0), max(base.beta, 1.0), None, base, idx, int(size))
+
+
+def select_neurons(act: Activation, keep: np.ndarray) -> Activation:
+    """The activation of the kept neurons of a layer (only a `Mixed` layer depends on which are kept)."""
+    return act.select(keep) if isinstance(act, Mixed) else act
 
 
 SUPPORTED = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "softplus", "identity")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsdp.activations import Mixed
 from lipsdp.network import Network, activation_parts
 
 
@@ -52,15 +53,20 @@ def _forward_fn(net: Network, smooth: float | None):
 
     ws = [torch.from_numpy(w) for w in net.weights]
     bs = [torch.from_numpy(b) for b in net.biases]
-    acts = [activation_parts(a) for a in net.activations]  # composed activations apply each part
+    acts = [activation_parts(a.base if isinstance(a, Mixed) else a) for a in net.activations]  # parts in order
+    # Pass-through neurons of Mixed layers keep their pre-activation.
+    passing = [torch.from_numpy(a.mask()) if isinstance(a, Mixed) else None for a in net.activations]
 
     def f(x):
         h = x
         for k, (w, b) in enumerate(zip(ws, bs)):
             h = w @ h + b
             if k < len(acts):
+                pre = h
                 for part in acts[k]:
                     h = _torch_activation(part.name, part.param, h, smooth)
+                if passing[k] is not None:
+                    h = torch.where(passing[k], pre, h)
         return h
 
     return f
@@ -105,7 +111,7 @@ def lower_bound(
     torch.manual_seed(seed)
     x = torch.tensor(x0[top], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([x], lr=0.05 * float(np.mean(np.abs(x0)) + 1e-3))
-    piecewise = any(a.name in ("relu", "leaky_relu") for a in net.activations)
+    piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu") for a in net.activations)
     for step in range(steps):
         sharpness = 5.0 * (200.0 / 5.0) ** (step / max(steps - 1, 1)) if piecewise else None
         f = _forward_fn(net, sharpness)

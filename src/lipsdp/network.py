@@ -2,6 +2,8 @@
 
 f(x) = W_l phi_l(... phi_1(W_0 x + b_0) ...) + b_l.  Hidden layer k (1..l) has activation phi_k with
 per-neuron slope bounds alpha_k, beta_k (vectors; usually constant, but local bounds tighten them).
+A layer may mix its activation with pass-through neurons (`lipsdp.activations.Mixed`: the identity on
+some neurons, slopes [1, 1]); lowered graphs (`lipsdp.graph`) use them to carry skip connections.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lipsdp.activations import Activation, activation
+from lipsdp.activations import Activation, Mixed, activation
 from lipsdp.errors import InvalidNetworkError
 
 
@@ -79,8 +81,9 @@ class Network:
                 )
             ws.append(w)
             bs.append(b)
-        alphas = tuple(np.full(ws[k].shape[0], acts[k].alpha) for k in range(hidden))
-        betas = tuple(np.full(ws[k].shape[0], acts[k].beta) for k in range(hidden))
+        slopes = [acts[k].slope_vectors(ws[k].shape[0]) for k in range(hidden)]  # per neuron (Mixed layers)
+        alphas = tuple(a for a, _ in slopes)
+        betas = tuple(b for _, b in slopes)
         return cls(tuple(ws), tuple(bs), acts, alphas, betas)
 
     # -- shape -------------------------------------------------------------------------------
@@ -178,7 +181,16 @@ def activation_parts(act: Activation) -> list[Activation]:
 
 
 def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
-    """Apply an activation (or a composition of several) to a numpy array."""
+    """Apply an activation (or a composition of several) to a numpy array (neurons on the last axis).
+
+    A `Mixed` layer applies its base activation except on its pass-through neurons, which keep h."""
+    if isinstance(act, Mixed):
+        h = np.asarray(h)
+        if h.shape[-1] != act.size:
+            raise InvalidNetworkError(f"a {act.name} layer of {act.size} neurons is applied to {h.shape[-1]} values")
+        out = np.array(apply_activation(act.base, h), dtype=np.float64)
+        out[..., list(act.identity)] = h[..., list(act.identity)]
+        return out
     if "+" in act.name:
         for part in activation_parts(act):
             h = apply_activation(part, h)

@@ -44,7 +44,8 @@ HASH_DESCRIPTION = (
     "weight W_k as float64 little-endian in row-major order, the bias b_k as float64 little-endian; then for "
     "each hidden layer: the activation name in UTF-8, a zero byte, one byte 1/0 (parameter present or not), "
     "the parameter as float64 little-endian (8 zero bytes if absent), the per-neuron slope bounds alpha_k and "
-    "beta_k as float64 little-endian"
+    "beta_k as float64 little-endian; for a layer with pass-through neurons (activation name 'base|identity') "
+    "then b'passthrough\\0' and their indices as int64 little-endian"
 )
 
 
@@ -154,6 +155,9 @@ def network_sha256(net: Any) -> str:
         h.update(b"\1" + struct.pack("<d", float(param)) if param is not None else b"\0" + bytes(8))
         h.update(np.ascontiguousarray(np.asarray(a, dtype="<f8")).tobytes())
         h.update(np.ascontiguousarray(np.asarray(b, dtype="<f8")).tobytes())
+        identity = getattr(act, "identity", None)  # a Mixed layer's pass-through neurons
+        if identity is not None:
+            h.update(b"passthrough\0" + np.asarray(identity, dtype="<i8").tobytes())
     return h.hexdigest()
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lipsdp.activations import Mixed, select_neurons
 from lipsdp.errors import InvalidNetworkError, LipSDPError
 from lipsdp.network import Network, apply_activation
 
@@ -186,7 +187,7 @@ def pre_activation_bounds(net: Network, region: Region) -> list[tuple[np.ndarray
     for k in range(net.depth):
         bounds.append((lo, hi))
         act = net.activations[k]
-        if "+" in act.name:
+        if "+" in (act.base if isinstance(act, Mixed) else act).name:
             raise LipSDPError(
                 f"hidden layer {k + 1} has the composed activation {act.name}; local bounds need the activation "
                 "functions themselves (remove one of the two consecutive activations)"
@@ -265,10 +266,13 @@ def localize(net: Network, region: Region) -> LocalNetwork:
     fixed = tightened = 0
     for k, (lo, hi) in enumerate(bounds):
         act = net.activations[k]
-        a, b = slope_range(act.name, act.param, lo, hi)
-        if act.name not in ("relu", "leaky_relu", "identity"):
+        base = act.base if isinstance(act, Mixed) else act
+        a, b = slope_range(base.name, base.param, lo, hi)
+        if base.name not in ("relu", "leaky_relu", "identity"):
             # Round the smooth cases outward; the piecewise-linear values 0, 1, param are exact.
             a, b = a * (1.0 - 1e-12), b * (1.0 + 1e-12) + _TINY
+        if isinstance(act, Mixed):  # pass-through neurons: the identity, slope exactly 1
+            a, b = np.where(act.mask(), 1.0, a), np.where(act.mask(), 1.0, b)
         a = np.maximum(a, net.alphas[k])
         b = np.minimum(b, net.betas[k])
         a = np.minimum(a, b)
@@ -290,7 +294,7 @@ def _drop_constant_neurons(
     from dataclasses import replace
 
     ws, bs = list(net.weights), list(net.biases)
-    als, bes = list(net.alphas), list(net.betas)
+    als, bes, acts = list(net.alphas), list(net.betas), list(net.activations)
     removed = 0
     kept = [np.arange(n) for n in net.hidden_sizes]
     zeroed = []
@@ -309,6 +313,8 @@ def _drop_constant_neurons(
         kept[k] = kept[k][keep]
         removed += int(np.sum(~keep))
         ws[k], bs[k], als[k], bes[k] = ws[k][keep], bs[k][keep], als[k][keep], bes[k][keep]
+        acts[k] = select_neurons(acts[k], keep)
         ws[k + 1] = ws[k + 1][:, keep]
-    local = replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(als), betas=tuple(bes))
+    local = replace(net, weights=tuple(ws), biases=tuple(bs), activations=tuple(acts), alphas=tuple(als),
+                    betas=tuple(bes))
     return local, removed, tuple(kept), tuple(zeroed)

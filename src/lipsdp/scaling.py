@@ -169,6 +169,7 @@ def prune_dead_neurons(net: Network) -> Network | None:
 
 def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarray]]:
     """`prune_dead_neurons`, also returning for each hidden layer the indices of the neurons kept."""
+    from lipsdp.activations import select_neurons
     from lipsdp.network import apply_activation
 
     kept = [np.arange(n) for n in net.hidden_sizes]
@@ -188,17 +189,20 @@ def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarr
             const = ~np.any(ws[k] != 0, axis=1) & np.any(ws[k + 1] != 0, axis=0)
             if const.any():
                 try:
-                    phi_b = apply_activation(acts[k], bs[k][const])
+                    phi_b = apply_activation(select_neurons(acts[k], const), bs[k][const])
                     bs[k + 1] = bs[k + 1] + ws[k + 1][:, const] @ phi_b
                 except LipSDPError:  # e.g. composed activations: the LMI methods never read biases
                     pass
             ws[k], bs[k], alphas[k], betas[k] = ws[k][keep], bs[k][keep], alphas[k][keep], betas[k][keep]
+            acts[k] = select_neurons(acts[k], keep)
             ws[k + 1] = ws[k + 1][:, keep]
             kept[k] = kept[k][keep]
             changed = True
     if len(ws[0]) == len(net.weights[0]) and all(a.shape == b.shape for a, b in zip(ws, net.weights)):
         return net, kept
-    return replace(net, weights=tuple(ws), biases=tuple(bs), alphas=tuple(alphas), betas=tuple(betas)), kept
+    pruned = replace(net, weights=tuple(ws), biases=tuple(bs), activations=tuple(acts), alphas=tuple(alphas),
+                     betas=tuple(betas))
+    return pruned, kept
 
 
 def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, options: dict[str, Any]) -> Any:

@@ -30,7 +30,9 @@ The mathematics relied on
 3. Slopes: the secant slope of phi between two points is a mean of phi' over the segment, so it lies in
    [min phi', max phi'] over any interval containing both; relu, leaky_relu, elu, tanh, sigmoid,
    softplus and identity are monotone and their derivatives' extremes are at the ends of an interval (or
-   at 0 for tanh and sigmoid). Local slopes come from interval propagation over the region, in arb.
+   at 0 for tanh and sigmoid). Local slopes come from interval propagation over the region, in arb. A
+   layer 'base|identity' (a lowered graph) applies base except on its pass-through neurons, which are the
+   identity (slope exactly 1).
 4. Every proof kind bounds *every* network with the given weights and per-neuron slope ranges; the
    checker never uses an activation function itself after the slope ranges are found. Hence layer
    scaling: with s_k = 2^(e_0 + ... + e_(k-1)) and x~_k = s_k x_k, s_(l+1) f is the network with weights
@@ -299,13 +301,27 @@ class _State:
         return [w.nrows() for w in self.weights[:-1]]
 
 
+def _layer_parts(act: Any, n: int) -> tuple[Any, set[int]]:
+    """The activation of a hidden layer's neurons and the set of its pass-through (identity) neurons: a
+    layer named 'base|identity' applies `act.base` except on the neurons `act.identity`."""
+    identity = getattr(act, "identity", None)
+    if identity is None:
+        return act, set()
+    passing = {int(i) for i in identity}
+    if getattr(act, "size", None) != n or any(not 0 <= i < n for i in passing) or getattr(act, "base", None) is None:
+        raise _Reject(f"the layer '{act.name}' does not describe its {n} neurons")
+    return act.base, passing
+
+
 def _initial_state(net: Any) -> _State:
+    arb = _flint().arb
     lows, highs = [], []
     for k, act in enumerate(net.activations):
-        lo, hi = _activation_range(act)
         n = net.weights[k].shape[0]
-        lows.append([lo] * n)
-        highs.append([hi] * n)
+        base, passing = _layer_parts(act, n)
+        lo, hi = _activation_range(base)
+        lows.append([arb(1) if i in passing else lo for i in range(n)])
+        highs.append([arb(1) if i in passing else hi for i in range(n)])
     return _State([_mat(w) for w in net.weights], lows, highs)
 
 
@@ -339,12 +355,13 @@ def _region_ranges(net: Any, region: dict[str, Any]) -> list[tuple[list, list]]:
         out.append((lo, hi))
         if k + 1 == len(net.activations):
             break
-        parts = _parts(net.activations[k])
+        base, passing = _layer_parts(net.activations[k], len(lo))
+        parts = _parts(base)
         if len(parts) != 1:
             raise _Reject("local bounds need plain activations (this layer composes two)")
         name, param = parts[0]
-        img_lo = [_phi(name, param, x).lower() for x in lo]
-        img_hi = [_phi(name, param, x).upper() for x in hi]
+        img_lo = [x if i in passing else _phi(name, param, x).lower() for i, x in enumerate(lo)]
+        img_hi = [x if i in passing else _phi(name, param, x).upper() for i, x in enumerate(hi)]
         mid = _col([(a + b) / 2 for a, b in zip(img_lo, img_hi)])
         rad = _col([(b - a) / 2 for a, b in zip(img_lo, img_hi)])
         w = net.weights[k + 1]
@@ -365,12 +382,13 @@ def _min(a, b):
 def _localize(state: _State, net: Any, step: Step) -> _State:
     ranges = _region_ranges(net, step.region)
     for k, (lo, hi) in enumerate(ranges):
-        parts = _parts(net.activations[k])
+        base, passing = _layer_parts(net.activations[k], len(lo))
+        parts = _parts(base)
         if len(parts) != 1:
             raise _Reject("local bounds need plain activations (a layer composes two)")
         name, param = parts[0]
         for i in range(len(lo)):
-            a, b = _local_range(name, param, lo[i], hi[i])
+            a, b = _local_range("identity" if i in passing else name, param, lo[i], hi[i])
             state.lows[k][i] = _max(a, state.lows[k][i])
             state.highs[k][i] = _min(b, state.highs[k][i])
     keep = _check_keep(step.keep, state.hidden, "localize")

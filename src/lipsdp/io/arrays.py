@@ -1,6 +1,7 @@
-"""Weight files: `.npz` (W0, W1, ..., optional b0, ..., optional `activations`) and the original LipSDP
-`.mat` format (a cell array named `weights`, entries (n_out, n_in), ReLU, no biases; v7.3 files via
-`lipsdp.io.mat73`)."""
+"""Weight files: `.npz` (W0, W1, ..., optional b0, ..., optional `activations`, optional `passthrough{k}`:
+the indices of hidden layer k's pass-through (identity) neurons, see `lipsdp.activations.Mixed`) and the
+original LipSDP `.mat` format (a cell array named `weights`, entries (n_out, n_in), ReLU, no biases; v7.3
+files via `lipsdp.io.mat73`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsdp.errors import ModelLoadError
+from lipsdp.activations import Mixed
+from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.network import Network
 
 
@@ -86,11 +88,40 @@ def load_npz(path: str | Path) -> Network:
                 activations = [str(a) for a in np.atleast_1d(acts)]
                 if len(activations) == 1 and len(weights) > 2:
                     activations = activations[0]
+            passthrough = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"passthrough(\d+)", k))}
+            if passthrough:
+                activations = _with_passthrough(str(path), activations, passthrough, weights)
         except ValueError as exc:  # e.g. object arrays that would need pickle
             raise ModelLoadError(f"{path}: unreadable array ({exc}); store plain numeric arrays") from None
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise ModelLoadError(f"{path}: corrupt .npz archive ({exc})") from None
     return _build(str(path), weights, biases, activations)
+
+
+def _with_passthrough(source: str, activations, passthrough: dict[int, np.ndarray], weights) -> list:
+    """Hidden layers k with an array `passthrough{k}` (neuron indices) mix their activation with the identity."""
+    from lipsdp.activations import activation, mixed
+
+    hidden = len(weights) - 1
+    names = [activations] * hidden if isinstance(activations, str) else list(activations)
+    if len(names) != hidden:
+        return names  # Network.from_arrays reports the count
+    out = []
+    for k, name in enumerate(names):
+        if k not in passthrough:
+            out.append(name)
+            continue
+        idx = np.asarray(passthrough[k])
+        if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != 1:
+            raise ModelLoadError(f"{source}: passthrough{k} must be a 1-D array of neuron indices")
+        try:
+            out.append(mixed(activation(name), idx, int(np.asarray(weights[k]).shape[0])))
+        except LipSDPError as exc:
+            raise type(exc)(f"{source}: passthrough{k}: {exc}") from None
+    extra = sorted(set(passthrough) - set(range(hidden)))
+    if extra:
+        raise ModelLoadError(f"{source}: passthrough{extra[0]} names no hidden layer (the net has {hidden})")
+    return out
 
 
 def load_mat(path: str | Path) -> Network:
@@ -143,7 +174,13 @@ def save_npz(net: Network, path: str | Path) -> None:
     """Write a network as `.npz` (W_k, b_k, activations) that `load_npz` reads back exactly."""
     arrays = {f"W{k}": w for k, w in enumerate(net.weights)}
     arrays.update({f"b{k}": b for k, b in enumerate(net.biases)})
-    arrays["activations"] = np.array([a.label().replace("(", ":").rstrip(")") for a in net.activations], dtype=str)
+    labels = []
+    for k, act in enumerate(net.activations):
+        if isinstance(act, Mixed):  # the base activation's name, and the pass-through neurons beside it
+            arrays[f"passthrough{k}"] = np.array(act.identity, dtype=np.int64)
+            act = act.base
+        labels.append(act.label().replace("(", ":").rstrip(")"))
+    arrays["activations"] = np.array(labels, dtype=str)
     np.savez(path, **arrays)
 
 
@@ -158,6 +195,11 @@ def save_mat(net: Network, path: str | Path) -> None:
         bias[0, k] = b.reshape(-1, 1)
     acts = np.empty((1, max(net.depth, 1)), dtype=object)
     for k in range(net.depth):
+        if isinstance(net.activations[k], Mixed):
+            raise LipSDPError(
+                f"hidden layer {k + 1} mixes {net.activations[k].base.label()} with pass-through neurons (a lowered "
+                "graph); the .mat layout has no place for them: save the network as .npz"
+            )
         acts[0, k] = net.activations[k].label().replace("(", ":").rstrip(")")
     data = {"weights": cell, "biases": bias}
     if net.depth:

@@ -1,0 +1,446 @@
+"""Networks as graphs: a small DAG of operations on flat vectors, and its exact lowering to a chain.
+
+The IR
+------
+A `Graph` is a list of nodes in topological order, each computing one flat float64 vector:
+
+- ``input``     the network's input (n_0 values; tensors are flattened in C order by the front ends);
+- ``const``     a constant vector;
+- ``affine``    W v + b for one input v: a dense matrix, or a 1-D vector for a diagonal map. Convolutions,
+                average pooling, padding, reshapes and transposes all become such matrices in the front ends
+                (`lipsdp.io.unroll`, `lipsdp.io.layout`);
+- ``act``       an elementwise slope-restricted activation (`lipsdp.activations`);
+- ``add``       the sum of several inputs of one size (residual connections);
+- ``concat``    the concatenation of several inputs;
+- ``maxpool``   out_i = max_j v[windows[i, j]] over the window entries >= 0 (windows may overlap, and may
+                have fewer entries than others: -1 marks an absent entry, e.g. -inf padding).
+
+`Graph.forward` evaluates the DAG directly (the reference the tests compare the lowering with).
+
+The lowering (`to_network`)
+---------------------------
+`to_network(graph)` returns a chain `Network` computing exactly the graph's function, so every method
+(naive, sequential, layer, neuron, anytime, the certificate and `lipsdp verify`, pair, region, certify,
+split) bounds the graph with no change. Every value is kept as an affine expression A h_L[cols] + c of the
+neurons of one layer L of the chain (layer 0 is the input):
+
+- an affine map of an expression is multiplied out (W A, W c + b): an affine map of affine maps is one
+  affine map. The product of two float matrices is rounded, so the lowered net is the *float64 product*
+  of the graph's maps, as `lipsdp.scaling.fold_linear_layers` already does; its bound is proved for those
+  float64 weights exactly. (When the product would be larger than its two factors, the expression is first
+  stored in pass-through neurons, as `lipsdp.io.chain` joins such maps by an identity layer);
+- an activation creates neurons in the next layer whose pre-activations are the expression's rows;
+- a value needed in a later layer (a skip connection) is carried there by *pass-through neurons*: the
+  identity activation, slope bounds [1, 1], x = identity(x) exactly, placed beside the real neurons of each
+  layer in between (`lipsdp.activations.Mixed`). It carries the expression's rows, or the neurons its
+  rows read when they are fewer (a 1x1 stride-2 shortcut reads a quarter of the layer); a neuron carried
+  into a layer once is reused by every later expression that reads it;
+- an Add of expressions of one layer is the sum of their matrices: it becomes part of the next affine map;
+  a Concat stacks their rows;
+- max(a, b) = b + relu(a - b) exactly: one relu neuron for a - b and one pass-through neuron for b, and
+  the sum folds into the next affine map. A window of k entries takes ceil(log2 k) such levels (a knockout
+  tournament; max is associative). Overlapping windows each get their own neurons;
+- MaxPool(phi(z)) = phi(MaxPool(z)) for every non-decreasing phi, and every lipsdp activation is
+  non-decreasing (alpha >= 0), so an activation whose only reader is a max pool is moved after it: the
+  tournament then runs on the pre-activations and phi is applied to the pooled values only (far fewer
+  neurons; the same function);
+- a layer holds one activation besides its pass-through neurons; an activation that differs from the one
+  already in its layer goes to the next free layer (its input carried there).
+
+Why every bound is sound: the lowered chain computes the graph's function (the identities above are exact
+in real arithmetic; the weights are the float64 products), and each of its hidden neurons is either an
+activation of the graph with that activation's slope bounds, a relu with [0, 1], or the identity with
+[1, 1], which it is. A bound on the chain's Lipschitz constant is therefore a bound on the graph's. Nothing
+else is assumed: the methods see an ordinary `Network`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lipsdp.activations import Activation, Mixed, activation, mixed
+from lipsdp.errors import InvalidNetworkError
+from lipsdp.network import Network, apply_activation
+
+OPS = ("input", "const", "affine", "act", "add", "concat", "maxpool")
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """One operation of a `Graph` (see the module docstring); `where` names it in messages."""
+
+    op: str
+    inputs: tuple[int, ...]
+    size: int
+    where: str = ""
+    weight: np.ndarray | None = field(default=None, repr=False)  # affine: (size, n_in), or 1-D diagonal
+    bias: np.ndarray | None = field(default=None, repr=False)  # affine, const
+    activation: Activation | None = None  # act
+    windows: np.ndarray | None = field(default=None, repr=False)  # maxpool: (size, k) input indices, -1 absent
+
+
+class Graph:
+    """A DAG of operations on flat vectors; node 0 is the input. Build it with the methods below (each
+    returns the new node's id) and set `output`."""
+
+    def __init__(self, n_in: int, where: str = "input") -> None:
+        if int(n_in) < 1:
+            raise InvalidNetworkError(f"the graph input needs at least one value, got {n_in}")
+        self.nodes: list[Node] = [Node("input", (), int(n_in), where)]
+        self.output = 0
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def size(self, node: int) -> int:
+        return self.nodes[node].size
+
+    def _check(self, srcs: Sequence[int], where: str) -> tuple[int, ...]:
+        out = tuple(int(s) for s in srcs)
+        if not out or any(not 0 <= s < len(self.nodes) for s in out):
+            raise InvalidNetworkError(f"{where}: inputs {list(srcs)} are not earlier nodes of the graph")
+        return out
+
+    def _push(self, node: Node) -> int:
+        self.nodes.append(node)
+        self.output = len(self.nodes) - 1
+        return self.output
+
+    def affine(self, src: int, weight: np.ndarray, bias: np.ndarray | None = None, where: str = "") -> int:
+        """W v + b (a 1-D `weight` is a diagonal map)."""
+        (src,) = self._check([src], where)
+        w = np.asarray(weight, dtype=np.float64)
+        n_in = self.size(src)
+        if w.ndim not in (1, 2) or w.shape[-1] != n_in or w.size == 0:
+            raise InvalidNetworkError(f"{where}: a weight of shape {w.shape} does not take the {n_in} values it receives")
+        n_out = w.shape[0]
+        b = np.zeros(n_out) if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.float64), (n_out,)).copy()
+        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
+            raise InvalidNetworkError(f"{where}: weight or bias contains NaN or infinite values")
+        return self._push(Node("affine", (src,), n_out, where, weight=w, bias=b))
+
+    def constant(self, value: np.ndarray, where: str = "") -> int:
+        v = np.asarray(value, dtype=np.float64).reshape(-1)
+        if v.size == 0 or not np.all(np.isfinite(v)):
+            raise InvalidNetworkError(f"{where}: a constant must be finite and non-empty")
+        return self._push(Node("const", (), v.size, where, bias=v.copy()))
+
+    def activation(self, src: int, act: Activation | str, where: str = "") -> int:
+        (src,) = self._check([src], where)
+        act = activation(act) if isinstance(act, str) else act
+        if isinstance(act, Mixed):
+            raise InvalidNetworkError(f"{where}: a graph activation applies to every entry (not {act.name})")
+        return self._push(Node("act", (src,), self.size(src), where, activation=act))
+
+    def add(self, srcs: Sequence[int], where: str = "") -> int:
+        """The sum of the inputs (all of one size)."""
+        srcs = self._check(srcs, where)
+        sizes = {self.size(s) for s in srcs}
+        if len(sizes) != 1:
+            raise InvalidNetworkError(f"{where}: adds vectors of sizes {sorted(sizes)}")
+        return self._push(Node("add", srcs, sizes.pop(), where))
+
+    def concat(self, srcs: Sequence[int], where: str = "") -> int:
+        srcs = self._check(srcs, where)
+        return self._push(Node("concat", srcs, sum(self.size(s) for s in srcs), where))
+
+    def maxpool(self, src: int, windows: np.ndarray, where: str = "") -> int:
+        """out_i = max over the entries >= 0 of row i of `windows` (indices into the input)."""
+        (src,) = self._check([src], where)
+        win = np.asarray(windows)
+        if win.ndim != 2 or win.size == 0 or not np.issubdtype(win.dtype, np.integer):
+            raise InvalidNetworkError(f"{where}: windows must be a 2-D integer array (outputs, entries)")
+        win = win.astype(np.int64)
+        if np.any(win >= self.size(src)) or np.any(win < -1) or np.any(np.all(win < 0, axis=1)):
+            raise InvalidNetworkError(
+                f"{where}: every window needs at least one entry, each an index below {self.size(src)} (-1: none)"
+            )
+        return self._push(Node("maxpool", (src,), win.shape[0], where, windows=win))
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Evaluate the DAG node by node on inputs of shape (n_0,) or (batch, n_0)."""
+        x = np.asarray(x, dtype=np.float64)
+        values: dict[int, np.ndarray] = {}
+        for i in range(self.output + 1):
+            node = self.nodes[i]
+            if node.op == "input":
+                values[i] = x
+            elif node.op == "const":
+                values[i] = np.broadcast_to(node.bias, x.shape[:-1] + (node.size,))
+            elif node.op == "affine":
+                v = values[node.inputs[0]]
+                values[i] = (v * node.weight if node.weight.ndim == 1 else v @ node.weight.T) + node.bias
+            elif node.op == "act":
+                values[i] = apply_activation(node.activation, values[node.inputs[0]])
+            elif node.op == "add":
+                values[i] = sum(values[s] for s in node.inputs)
+            elif node.op == "concat":
+                values[i] = np.concatenate([values[s] for s in node.inputs], axis=-1)
+            else:  # maxpool
+                v = values[node.inputs[0]]
+                gathered = np.where(node.windows >= 0, v[..., np.maximum(node.windows, 0)], -np.inf)
+                values[i] = gathered.max(axis=-1)
+        return np.asarray(values[self.output], dtype=np.float64)
+
+
+# -- the lowering ---------------------------------------------------------------------------------------
+@dataclass
+class _Expr:
+    """The value A h_L[cols] + c: `a` is None (the identity), 1-D (a diagonal) or a (rows, len(cols)) matrix."""
+
+    level: int
+    cols: np.ndarray
+    a: np.ndarray | None
+    c: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return self.c.size
+
+    def matrix(self) -> np.ndarray:
+        if self.a is None:
+            return np.eye(self.rows)
+        return np.diag(self.a) if self.a.ndim == 1 else self.a
+
+    def take(self, idx: np.ndarray) -> _Expr:
+        """The rows `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if self.a is None or self.a.ndim == 1:
+            a = None if self.a is None else self.a[idx]
+            return _Expr(self.level, self.cols[idx], a, self.c[idx])
+        return _Expr(self.level, self.cols, self.a[idx], self.c[idx])
+
+
+def _compose(w: np.ndarray, a: np.ndarray | None) -> np.ndarray:
+    """The matrix (or diagonal) of w after a (each None / 1-D diagonal / 2-D)."""
+    if a is None:
+        return w
+    if w.ndim == 1:
+        return w * a if a.ndim == 1 else w[:, None] * a
+    return w * a[None, :] if a.ndim == 1 else w @ a
+
+
+def _scatter(out: np.ndarray, rows: np.ndarray, pos: np.ndarray, e: _Expr) -> None:
+    """out[rows][:, pos] += the matrix of e (pos: the places of e.cols among out's columns)."""
+    if e.a is None or e.a.ndim == 1:
+        np.add.at(out, (rows, pos), 1.0 if e.a is None else e.a)
+    elif np.unique(pos).size == pos.size:
+        out[np.ix_(rows, pos)] += e.a
+    else:  # a neuron read twice (overlapping windows): accumulate
+        np.add.at(out, np.ix_(rows, pos), e.a)
+
+
+@dataclass
+class _Block:
+    """Neurons start..start+rows of a layer: pre-activation `pre` (an expression of the layer before)."""
+
+    start: int
+    pre: _Expr
+    passthrough: bool
+
+
+@dataclass
+class _Layer:
+    size: int = 0
+    base: Activation | None = None
+    blocks: list[_Block] = field(default_factory=list)
+    carried: dict[int, int] = field(default_factory=dict)  # neuron j of the layer before -> its pass-through here
+
+
+class _Lowering:
+    def __init__(self, n_in: int) -> None:
+        self.layers = [_Layer(size=n_in)]
+
+    def layer(self, level: int) -> _Layer:
+        while len(self.layers) <= level:
+            self.layers.append(_Layer())
+        return self.layers[level]
+
+    def neurons(self, level: int, pre: _Expr, passthrough: bool) -> np.ndarray:
+        """New neurons in layer `level` with pre-activations `pre` (an expression of layer level - 1)."""
+        layer = self.layer(level)
+        start = layer.size
+        layer.blocks.append(_Block(start, pre, passthrough))
+        layer.size += pre.rows
+        return np.arange(start, layer.size, dtype=np.int64)
+
+    def passthrough(self, level: int, cols: np.ndarray) -> np.ndarray:
+        """Pass-through neurons in layer `level` carrying neurons `cols` of the layer before (reused)."""
+        layer = self.layer(level)
+        missing = np.array([j for j in dict.fromkeys(cols.tolist()) if j not in layer.carried], dtype=np.int64)
+        if missing.size:
+            made = self.neurons(level, _Expr(level - 1, missing, None, np.zeros(missing.size)), True)
+            layer.carried.update(zip(missing.tolist(), made.tolist()))
+        return np.array([layer.carried[j] for j in cols.tolist()], dtype=np.int64)
+
+    def step(self, e: _Expr, by_rows: bool = False) -> _Expr:
+        """The same value one layer later, through pass-through neurons."""
+        if e.a is not None and e.a.ndim == 2:
+            used = np.any(e.a != 0, axis=0)
+            if not used.all():
+                e = _Expr(e.level, e.cols[used], e.a[:, used], e.c)
+        if not by_rows and (e.a is None or e.a.ndim == 1 or e.cols.size <= e.rows):
+            return _Expr(e.level + 1, self.passthrough(e.level + 1, e.cols), e.a, e.c)
+        return _Expr(e.level + 1, self.neurons(e.level + 1, e, True), None, np.zeros(e.rows))
+
+    def carry(self, e: _Expr, level: int) -> _Expr:
+        while e.level < level:
+            e = self.step(e)
+        return e
+
+    def activate(self, e: _Expr, act: Activation) -> _Expr:
+        if act.name == "identity":
+            return e
+        level = e.level + 1
+        while level < len(self.layers) and self.layers[level].base not in (None, act):
+            level += 1
+        e = self.carry(e, level - 1)
+        self.layer(level).base = act
+        return _Expr(level, self.neurons(level, e, False), None, np.zeros(e.rows))
+
+    def affine(self, e: _Expr, w: np.ndarray, b: np.ndarray) -> _Expr:
+        if w.ndim == 2 and e.a is not None and e.a.ndim == 2:
+            used = int(np.count_nonzero(np.any(e.a != 0, axis=0)))
+            if w.shape[0] * used > w.size + e.rows * used:  # the product would outgrow its factors
+                e = self.step(e, by_rows=True)
+        c = (w * e.c if w.ndim == 1 else w @ e.c) + b
+        return _Expr(e.level, e.cols, _compose(w, e.a), c)
+
+    def combine(self, exprs: list[_Expr], stack: bool) -> _Expr:
+        """Sum (stack=False) or concatenation (stack=True) of expressions, all carried to one layer."""
+        level = max(e.level for e in exprs)
+        exprs = [self.carry(e, level) for e in exprs]
+        if stack and all(e.a is None for e in exprs):
+            cols = np.concatenate([e.cols for e in exprs])
+            if np.unique(cols).size == cols.size:  # a selection of distinct neurons stays one
+                return _Expr(level, cols, None, np.concatenate([e.c for e in exprs]))
+        cols, inverse = np.unique(np.concatenate([e.cols for e in exprs]), return_inverse=True)
+        rows = sum(e.rows for e in exprs) if stack else exprs[0].rows
+        a = np.zeros((rows, cols.size))
+        c = np.zeros(rows)
+        offset = col = 0
+        for e in exprs:
+            pos = inverse[col:col + e.cols.size]
+            col += e.cols.size
+            where = np.arange(offset, offset + e.rows)
+            _scatter(a, where, pos, e)
+            c[where] += e.c
+            if stack:
+                offset += e.rows
+        return _Expr(level, cols, a, c)
+
+    def maxpool(self, e: _Expr, windows: np.ndarray) -> _Expr:
+        """max over each window by a knockout tournament: max(a, b) = b + relu(a - b)."""
+        relu = activation("relu")
+        groups = [row[row >= 0] for row in windows]
+        values = e
+        while any(g.size > 1 for g in groups):
+            first = np.concatenate([g[0:g.size - 1:2] for g in groups])  # a of each pair
+            second = np.concatenate([g[1::2] for g in groups])  # b of each pair
+            left = np.concatenate([g[-1:] if g.size % 2 else g[:0] for g in groups])  # an odd one out
+            diff = self.combine([values.take(first), self.affine(values.take(second), -np.ones(second.size),
+                                                                 np.zeros(second.size))], stack=False)
+            r = self.activate(diff, relu)
+            kept = self.carry(values.take(np.concatenate([second, left])), r.level)
+            padded = _Expr(r.level, r.cols, None, np.zeros(r.rows))
+            values = self.combine([self.combine([padded, self.constant_rows(r.level, left.size)], stack=True), kept],
+                                  stack=False)
+            new_groups, pair, odd = [], 0, second.size
+            for g in groups:
+                n_pairs = g.size // 2
+                members = list(range(pair, pair + n_pairs))
+                pair += n_pairs
+                if g.size % 2:
+                    members.append(odd)
+                    odd += 1
+                new_groups.append(np.array(members, dtype=np.int64))
+            groups = new_groups
+        return values.take(np.array([g[0] for g in groups], dtype=np.int64))
+
+    @staticmethod
+    def constant_rows(level: int, n: int) -> _Expr:
+        return _Expr(level, np.zeros(0, dtype=np.int64), np.zeros((n, 0)), np.zeros(n))
+
+    def network(self, out: _Expr) -> Network:
+        depth = len(self.layers) - 1
+        out = self.carry(out, depth)
+        sizes = [layer.size for layer in self.layers]
+        weights, biases, acts = [], [], []
+        for level in range(1, depth + 1):
+            layer = self.layers[level]
+            w = np.zeros((layer.size, sizes[level - 1]))
+            b = np.zeros(layer.size)
+            identity = []
+            for block in layer.blocks:
+                rows = np.arange(block.start, block.start + block.pre.rows)
+                _scatter(w, rows, block.pre.cols, block.pre)
+                b[rows] = block.pre.c
+                if block.passthrough:
+                    identity.append(rows)
+            weights.append(w)
+            biases.append(b)
+            base = layer.base if layer.base is not None else activation("identity")
+            acts.append(mixed(base, np.concatenate(identity) if identity else [], layer.size))
+        w = np.zeros((out.rows, sizes[depth]))
+        _scatter(w, np.arange(out.rows), out.cols, out)
+        weights.append(w)
+        biases.append(out.c.copy())
+        return Network.from_arrays(weights, acts, biases)
+
+
+def _fused_activations(graph: Graph, live: set[int]) -> set[int]:
+    """Activation nodes whose only reader is a max pool (moved after it, see the module docstring)."""
+    readers: dict[int, list[int]] = {}
+    for i in live:
+        for s in graph.nodes[i].inputs:
+            readers.setdefault(s, []).append(i)
+    fused = set()
+    for i in live:
+        node = graph.nodes[i]
+        if node.op != "act" or i == graph.output or node.activation.alpha < 0:
+            continue
+        users = readers.get(i, [])
+        if len(users) == 1 and graph.nodes[users[0]].op == "maxpool":
+            fused.add(i)
+    return fused
+
+
+def to_network(graph: Graph) -> Network:
+    """The chain `Network` computing the graph's function (see the module docstring for the construction
+    and why every method's bound for it is a bound for the graph)."""
+    live = {graph.output}
+    for i in range(graph.output, -1, -1):
+        if i in live:
+            live.update(graph.nodes[i].inputs)
+    fused = _fused_activations(graph, live)
+    low = _Lowering(graph.nodes[0].size)
+    values: dict[int, _Expr] = {}
+    for i in sorted(live):
+        node = graph.nodes[i]
+        if i in fused:
+            continue
+        if node.op == "input":
+            values[i] = _Expr(0, np.arange(node.size, dtype=np.int64), None, np.zeros(node.size))
+        elif node.op == "const":
+            values[i] = _Expr(0, np.zeros(0, dtype=np.int64), np.zeros((node.size, 0)), node.bias.copy())
+        elif node.op == "affine":
+            values[i] = low.affine(values[node.inputs[0]], node.weight, node.bias)
+        elif node.op == "act":
+            values[i] = low.activate(values[node.inputs[0]], node.activation)
+        elif node.op in ("add", "concat"):
+            values[i] = low.combine([values[s] for s in node.inputs], stack=node.op == "concat")
+        elif node.op == "maxpool":
+            src = node.inputs[0]
+            if src in fused:  # MaxPool(phi(z)) = phi(MaxPool(z))
+                inner = graph.nodes[src]
+                pooled = low.maxpool(values[inner.inputs[0]], node.windows)
+                values[i] = low.activate(pooled, inner.activation)
+            else:
+                values[i] = low.maxpool(values[src], node.windows)
+        else:
+            raise InvalidNetworkError(f"{node.where}: unknown graph operation '{node.op}'")
+    return low.network(values[graph.output])
