@@ -145,27 +145,27 @@ def test_small_cnn_layer_and_neuron_bounds():
     assert res["layer"] <= res["naive"] * (1 + 1e-6)
 
 
-class Residual(nn.Module):
+class Gated(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return x + torch.relu(self.fc(x))
+        return x * torch.relu(self.fc(x))
 
 
 @pytest.mark.parametrize(
     "model,shape,match",
     [
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1)), None, "input_shape"),
-        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), (1, 6, 6), "MaxPool2d"),
-        (nn.Sequential(nn.Linear(4, 4), Residual(), nn.Linear(4, 1)), None, "Residual.*custom module"),
+        (nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2, ceil_mode=True)), (1, 7, 7), "ceil_mode"),
+        (nn.Sequential(nn.Linear(4, 4), Gated(), nn.Linear(4, 1)), None, "Gated.*custom module.*product"),
         (nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1)), None, "MultiheadAttention"),
         (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)), None, "running statistics"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")), (1, 5, 5), "padding_mode"),
         (nn.Sequential(nn.Conv2d(1, 2, 3), nn.Linear(3, 1)), (1, 5, 5), "Flatten"),
     ],
-    ids=["no-input-shape", "maxpool", "residual", "attention", "bn-no-stats", "circular", "no-flatten"],
+    ids=["no-input-shape", "maxpool-ceil", "product", "attention", "bn-no-stats", "circular", "no-flatten"],
 )
 def test_unsupported_cnn_modules(model, shape, match):
     with pytest.raises(UnsupportedLayerError, match=match):

@@ -169,27 +169,33 @@ def test_unsupported_op_names_the_node(tmp_path):
         load_network(path)
 
 
-def test_maxpool_is_refused(tmp_path):
+def test_maxpool_indices_are_refused(tmp_path):
+    """MaxPool is read (lipsdp.graph); the indices of the maxima are not a Lipschitz function of the input."""
     nodes = [
         helper.make_node("Conv", ["x", "k"], ["c"]),
-        helper.make_node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2]),
+        helper.make_node("MaxPool", ["c"], ["y", "i"], kernel_shape=[2, 2], name="pool"),
+        helper.make_node("Cast", ["i"], ["f"], to=1),
+        helper.make_node("Add", ["y", "f"], ["z"]),
     ]
     path = tmp_path / "maxpool.onnx"
-    save_graph(path, nodes, [1, 6, 6], "y", {"k": RNG.standard_normal((2, 1, 3, 3))})
-    with pytest.raises(UnsupportedLayerError, match=r"\(MaxPool\) is not supported"):
+    save_graph(path, nodes, [1, 6, 6], "z", {"k": RNG.standard_normal((2, 1, 3, 3))})
+    with pytest.raises(UnsupportedLayerError, match=r"'pool' \(MaxPool\): its extra outputs \['i'\] are used"):
         load_network(path)
 
 
-def test_residual_graph_is_refused(tmp_path):
+def test_residual_graph_is_lowered(tmp_path):
+    """relu(W x) + x: the skip connection is carried by pass-through neurons (lipsdp.graph)."""
+    w = RNG.standard_normal((3, 3)).astype(np.float32)
     nodes = [
         helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("Add", ["r", "x"], ["y"], name="skip"),
     ]
     path = tmp_path / "residual.onnx"
-    save_graph(path, nodes, [3], "y", {"w": RNG.standard_normal((3, 3))})
-    with pytest.raises(UnsupportedLayerError, match="branches"):
-        load_network(path)
+    save_graph(path, nodes, [3], "y", {"w": w})
+    net = load_network(path)
+    x = RNG.standard_normal((20, 3))
+    np.testing.assert_allclose(net.forward(x), np.maximum(x @ w.astype(np.float64).T, 0) + x, rtol=1e-12, atol=1e-12)
 
 
 def test_two_outputs_are_refused(tmp_path):

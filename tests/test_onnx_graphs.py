@@ -138,12 +138,11 @@ def test_cifar_cnn_matches_onnxruntime():
 
 
 @needs_realnets
-def test_cnns_that_are_not_chains_name_the_node():
-    with pytest.raises(UnsupportedLayerError, match=r"'MaxPool_2' \(MaxPool\) is not supported \(max pooling"):
-        load_network(REALNETS / "cnn" / "Convnet_maxpool.onnx")
-    with pytest.raises(UnsupportedLayerError, match=r"'Add_6' \(Add\) merges them \(a residual connection\); "
-                       r"residual and branching graphs are not supported yet"):
-        load_network(REALNETS / "cnn" / "resnet_2b.onnx")
+def test_residual_and_maxpool_cnns_match_onnxruntime():
+    """resnet_2b (two residual blocks) and Convnet_maxpool (4x4 max pooling) through lipsdp.graph."""
+    for name, shape in (("resnet_2b.onnx", (3, 32, 32)), ("Convnet_maxpool.onnx", (1, 28, 28))):
+        path = REALNETS / "cnn" / name
+        check_against_ort(load_network(path), session(path), shape, count=4, low=0.0)
 
 
 # -- exporter-shaped graphs -----------------------------------------------------------------------------
@@ -311,15 +310,30 @@ def test_matmul_over_rows_is_block_diagonal(tmp_path):
     check_against_ort(net, session(path), (3, 4))
 
 
-def test_concat_of_branches_is_refused_with_the_node_name(tmp_path):
+def test_concat_of_branches_matches_onnxruntime(tmp_path):
     init = {"w": f32(3, 3), "v": f32(3, 3)}
     nodes = [
         helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
         helper.make_node("Gemm", ["x", "v"], ["b"], transB=1),
-        helper.make_node("Concat", ["a", "b"], ["y"], axis=1, name="join"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Concat", ["a", "r"], ["y"], axis=1, name="join"),
     ]
     path = tmp_path / "concat.onnx"
     save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], init, path)
-    with pytest.raises(UnsupportedLayerError, match=r"'join' \(Concat\) merges them; residual and branching"):
+    check_against_ort(load_network(path), session(path), (3,))
+
+
+def test_product_of_branches_is_refused_with_the_node_name(tmp_path):
+    init = {"w": f32(3, 3), "v": f32(3, 3)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["a"], transB=1),
+        helper.make_node("Gemm", ["x", "v"], ["b"], transB=1),
+        helper.make_node("Mul", ["a", "b"], ["y"], name="gate"),
+    ]
+    path = tmp_path / "product.onnx"
+    save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], init, path)
+    with pytest.raises(UnsupportedLayerError, match=r"'gate' \(Mul\) combines the computed tensors \['a', 'b'\] "
+                       r"\(a product of two computed tensors is not an affine map\)"):
         load_network(path)

@@ -1,6 +1,6 @@
 """The torch.export front end: custom modules, their exported programs, .pt2 files, their ONNX exports and a
-hand-built Network agree (forward outputs against torch, bounds against each other); non-chains are refused
-naming the node; .pt2 archives that would need unpickling are refused before torch reads them."""
+hand-built Network agree (forward outputs against torch, bounds against each other); residual, concatenating
+and max-pooling graphs are lowered exactly (lipsdp.graph); unsupported ones are refused naming the node; .pt2 archives that would need unpickling are refused before torch reads them."""
 
 from __future__ import annotations
 
@@ -202,23 +202,64 @@ class Gelu(nn.Module):
         return self.b(F.gelu(self.a(x)))
 
 
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) * torch.sigmoid(self.b(x))
+
+
+class PoolIndices(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        values, indices = F.max_pool2d(self.conv(x), 2, return_indices=True)
+        return (values + indices.to(values.dtype)).flatten(1)
+
+
+class BatchCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), x], dim=0)
+
+
+@pytest.mark.parametrize(
+    "model,shape",
+    [(Residual(), None), (nn.Sequential(nn.Linear(4, 4), Residual()), None), (MaxPool(), (1, 6, 6)), (Branchy(), None)],
+    ids=["residual", "residual-in-sequential", "maxpool", "concat"],
+)
+def test_graphs_are_lowered_exactly(model, shape):
+    """Residual additions, max pooling and concatenation go through lipsdp.graph: the same function."""
+    model = model.double().eval()
+    net = load_network(model, **({} if shape is None else {"input_shape": shape}))
+    x = np.random.default_rng(2).standard_normal((16, net.sizes[0]))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x).reshape(16, *(shape or (net.sizes[0],)))).reshape(16, -1).numpy()
+    np.testing.assert_allclose(net.forward(x), expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "model,shape,match",
     [
-        (Residual(), None, (r"node 'add' \(aten\.add\.Tensor\) merges them \(a residual connection\); "
-                            r"residual and branching graphs are not supported yet")),
-        (nn.Sequential(nn.Linear(4, 4), Residual()), None, r"module 1 \(Residual\) is a custom module.*residual"),
-        (MaxPool(), (1, 6, 6), r"'max_pool2d' \(aten\.max_pool2d\.default\) is not supported \(max pooling"),
-        (Branchy(), None, r"feeds several nodes.*'cat' \(aten\.cat\.default\) merges them"),
+        (Gated(), None, (r"node 'mul' \(aten\.mul\.Tensor\) combines computed tensors \(linear, sigmoid\); a "
+                         r"product of two computed tensors is not an affine map")),
+        (PoolIndices(), (1, 6, 6), r"reads the indices of the maxima"),
+        (BatchCat(), None, r"'cat' \(aten\.cat\.default\) concatenates along the batch axis"),
         (DataDependent(), None, r"torch\.export could not trace DataDependent.*data-dependent control flow"),
-        (TwoOutputs(), None, r"'linear' feeds several nodes \(.*node 'output'"),
+        (TwoOutputs(), None, r"the model returns 2 values"),
         (Gelu(), None, r"'gelu' \(aten\.gelu\.default\) is not supported \(GELU is not monotone"),
         (MaxPool(), None, r"pass input_shape=\(C, H, W\)"),
     ],
-    ids=["residual", "residual-in-sequential", "maxpool", "concat", "control-flow", "two-outputs", "gelu",
-         "no-shape"],
+    ids=["product", "pool-indices", "batch-cat", "control-flow", "two-outputs", "gelu", "no-shape"],
 )
-def test_non_chains_are_refused_naming_the_node(model, shape, match):
+def test_unsupported_graphs_are_refused_naming_the_node(model, shape, match):
     with pytest.raises(ModelLoadError, match=match):
         load_network(model, **({} if shape is None else {"input_shape": shape}))
 

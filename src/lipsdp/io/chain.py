@@ -13,6 +13,7 @@ import numpy as np
 
 from lipsdp.activations import Activation, activation
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.graph import Graph
 from lipsdp.network import Network
 
 # Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
@@ -128,3 +129,27 @@ class ChainBuilder:
             layers.append(_Affine(np.ones(self.current.n_out), np.zeros(self.current.n_out)))
         weights, biases = zip(*(layer.dense() for layer in layers))
         return Network.from_arrays(list(weights), acts, list(biases))
+
+
+class GraphBuilder:
+    """The `ChainBuilder` interface (`affine`, `activation`, `size`) appending to a `lipsdp.graph.Graph`
+    from node `current`: graph front ends run their chain operations on one branch at a time with it."""
+
+    def __init__(self, graph: Graph, current: int, source: str, where: str = "") -> None:
+        self.graph = graph
+        self.current = current
+        self.source = source
+        self.where = where
+        self.size = graph.size(current)
+
+    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str) -> None:
+        w = np.asarray(w, dtype=np.float64)
+        if w.shape[-1] != self.size:
+            raise UnsupportedLayerError(
+                f"{self.source}: {where} expects {w.shape[-1]} input features but receives {self.size}"
+            )
+        self.current = self.graph.affine(self.current, w, b, where)
+        self.size = self.graph.size(self.current)
+
+    def activation(self, act: Activation) -> None:
+        self.current = self.graph.activation(self.current, act, self.where)

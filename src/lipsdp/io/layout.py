@@ -84,3 +84,17 @@ class Layout:
         p = np.zeros((flat.size, flat.size))
         p[np.arange(flat.size), flat] = 1.0
         return p
+
+
+def concat_layout(parts: Sequence[tuple[tuple[int, ...], np.ndarray | None]], axis: int) -> Layout:
+    """The layout of tensors (shape, layout index or None) concatenated along `axis` when their flat vectors
+    are stacked one after the other: entry p of the result is entry `index[p]` of the stacked vector."""
+    orders, offset = [], 0
+    for shape, index in parts:
+        size = math.prod(shape)
+        orders.append((np.arange(size).reshape(shape) if index is None else index) + offset)
+        offset += size
+    order = np.concatenate(orders, axis=axis)
+    layout = Layout(order.shape)
+    layout.index = None if np.array_equal(order.reshape(-1), np.arange(order.size)) else order
+    return layout

@@ -10,12 +10,19 @@ inputs), Add/Sub/Mul/Div by a constant, Conv and AveragePool / GlobalAveragePool
 with the input shape of the graph), BatchNormalization (folded into the neighbouring affine map).
 Data movement: Flatten, Reshape, Squeeze, Unsqueeze (the order of the entries is unchanged), Transpose
 (a permutation, e.g. from a Keras channels-last model, folded exactly into the next dense or conv
-weights, see `layout.Layout`), Identity, Dropout. Activations: Relu, LeakyRelu, Tanh, Sigmoid, Elu,
-Softplus. Anything else, or a graph that branches (residual connections), raises an error naming the node.
+weights, see `layout.Layout`), Pad (constant, edge, reflect, wrap: an affine map), Identity, Dropout.
+Activations: Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus.
+
+A chain graph is read by the chain walker straight into a Network. A graph that branches (a tensor read by
+several nodes: residual Add / Sub / Sum of computed tensors, Concat) or that max-pools (MaxPool,
+GlobalMaxPool) is read into a `lipsdp.graph.Graph` by the same operations and lowered exactly to a chain
+(`lipsdp.graph.to_network`: pass-through neurons for skip connections, max(a, b) = b + relu(a - b)).
+Anything else raises an error naming the node.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -24,28 +31,38 @@ import numpy as np
 
 from lipsdp.activations import activation
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
-from lipsdp.io.chain import ChainBuilder
-from lipsdp.io.layout import Layout
-from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix, conv_output_size, same_padding
+from lipsdp.graph import Graph, to_network
+from lipsdp.io.chain import ChainBuilder, GraphBuilder
+from lipsdp.io.layout import Layout, concat_layout
+from lipsdp.io.unroll import (
+    avgpool2d_matrix,
+    conv2d_matrix,
+    conv_output_size,
+    maxpool2d_windows,
+    pad_matrix,
+    same_padding,
+)
 from lipsdp.network import Network
 
 SUPPORTED_OPS = (
-    "Gemm, MatMul, Add, Sub, Mul, Div (by constants), Conv, AveragePool, GlobalAveragePool, "
-    "BatchNormalization, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Identity, Dropout, Relu, LeakyRelu, "
-    "Tanh, Sigmoid, Elu, Softplus"
+    "Gemm, MatMul, Add, Sub, Mul, Div (by constants), Add, Sub, Sum (of computed tensors), Concat, Conv, "
+    "AveragePool, GlobalAveragePool, MaxPool, GlobalMaxPool, BatchNormalization, Pad, Flatten, Reshape, Squeeze, "
+    "Unsqueeze, Transpose, Identity, Dropout, Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus"
 )
 _ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus"}
 _HINTS = {
-    "MaxPool": "max pooling is not an elementwise slope-restricted map and lipsdp does not support it yet; "
-    "replace it by AveragePool or a strided Conv",
-    "GlobalMaxPool": "max pooling is not an elementwise slope-restricted map; lipsdp does not support it yet",
     "Softmax": "drop the final softmax and bound the logits (certified radii use logit margins)",
     "LogSoftmax": "drop the final log-softmax and bound the logits",
-    "Concat": "concatenating computed tensors makes the graph branch; residual and branching graphs are not "
-    "supported yet",
-    "If": "data-dependent control flow is not a fixed chain of layers",
-    "Loop": "data-dependent control flow is not a fixed chain of layers",
+    "If": "data-dependent control flow is not a fixed graph of layers",
+    "Loop": "data-dependent control flow is not a fixed graph of layers",
+    "Scan": "data-dependent control flow is not a fixed graph of layers",
+    "MatMul": "a product of two computed tensors (attention-like) is not an affine map",
+    "Mul": "a product of two computed tensors is not an affine map",
+    "Div": "a quotient of computed tensors is not an affine map",
+    "Attention": "attention multiplies computed tensors; it has no global Lipschitz constant LipSDP can bound",
 }
+_MERGES = {"Add", "Sub", "Sum", "Concat"}  # operations that combine computed tensors in a graph
+_POOLS = {"MaxPool", "GlobalMaxPool"}
 _MAX_KRON = 50_000_000  # entries of the block-diagonal matrix of a MatMul over several rows
 
 
@@ -170,6 +187,8 @@ class _OnnxChain:
             self.layout.reshape((math.prod(self.shape[:axis]), math.prod(self.shape[axis:])), where)
         elif op == "Reshape":
             self.reshape(node, attrs, where)
+        elif op == "Pad":
+            self.pad(node, attrs, where)
         elif op in ("Squeeze", "Unsqueeze"):
             self.squeeze(node, attrs, where)
         elif op == "Transpose":
@@ -185,7 +204,7 @@ class _OnnxChain:
         else:
             hint = f" ({_HINTS[op]})" if op in _HINTS else ""
             raise UnsupportedLayerError(
-                f"{self.path}: {where} is not supported{hint}; lipsdp reads chain graphs of {SUPPORTED_OPS}"
+                f"{self.path}: {where} is not supported{hint}; lipsdp reads graphs of {SUPPORTED_OPS}"
             )
 
     def flat(self, where: str) -> None:
@@ -308,6 +327,34 @@ class _OnnxChain:
             )
         self.dense(matrix, None, (1, *out), where)
 
+    def pad(self, node: Any, attrs: dict[str, Any], where: str) -> None:
+        """Pad: constant (zero or any value), edge, reflect or wrap; an affine map of the tensor."""
+        mode = attrs.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+        value = float(attrs.get("value", 0.0))
+        if len(node.input) > 1 and node.input[1]:
+            pads = [int(v) for v in self.const(node.input[1], where).reshape(-1)]
+            if len(node.input) > 2 and node.input[2]:
+                value = float(self.const(node.input[2], where).reshape(-1)[0])
+        else:
+            pads = [int(v) for v in attrs.get("pads", ())]
+        rank = len(self.shape)
+        axes = list(range(rank))
+        if len(node.input) > 3 and node.input[3]:
+            axes = [int(a) % rank for a in self.const(node.input[3], where).reshape(-1)]
+        if len(pads) != 2 * len(axes):
+            raise UnsupportedLayerError(f"{where}: {len(pads)} pads for {len(axes)} axes of shape {self.shape}")
+        before, after = [0] * rank, [0] * rank
+        for i, axis in enumerate(axes):
+            before[axis], after[axis] = pads[i], pads[len(axes) + i]
+        if rank and (before[0] or after[0]) and self.shape[0] == 1 and rank > 1:
+            raise UnsupportedLayerError(f"{where}: pads the batch axis; lipsdp reads one sample at a time")
+        try:
+            matrix, bias, shape = pad_matrix(self.shape, before, after, mode, value)
+        except ModelLoadError as exc:
+            raise UnsupportedLayerError(f"{self.path}: {where}: {exc}") from None
+        self.dense(matrix, bias, shape, where)
+
     def reshape(self, node: Any, attrs: dict[str, Any], where: str) -> None:
         """ONNX Reshape on the whole tensor (batch of one): 0 copies the input's size (unless allowzero), -1 infers."""
         target = [int(v) for v in self.const(node.input[1], where).reshape(-1)]
@@ -333,8 +380,170 @@ def _merge_node(graph: Any, start: int, prepared: Any, consts: dict[str, np.ndar
     return ""
 
 
+class _OnnxGraph(_OnnxChain):
+    """Reads a graph that branches or max-pools into a `lipsdp.graph.Graph`, one node at a time: the chain
+    operations run on each node's input tensor (its graph node and `Layout`), merges and max pooling here."""
+
+    def __init__(self, path: Path, prepared: Any) -> None:
+        super().__init__(path, prepared)
+        self.graph = Graph(self.layout.size, where=f"input '{prepared.input_name}'")
+        self.tensors: dict[str, tuple[int, Layout]] = {prepared.input_name: (0, Layout(prepared.input_shape))}
+
+    def enter(self, name: str, where: str) -> None:
+        """Make tensor `name` the current one of the chain operations."""
+        node, layout = self.tensors[name]
+        self.layout = copy.copy(layout)
+        self.builder = GraphBuilder(self.graph, node, str(self.path), where)
+
+    def plain(self, name: str, where: str) -> int:
+        """The graph node holding tensor `name` in C order (a pending permutation applied)."""
+        node, layout = self.tensors[name]
+        permutation = layout.output_permutation()
+        return node if permutation is None else self.graph.affine(node, permutation, None, where)
+
+    def walk(self, prepared: Any) -> Network:
+        graph = prepared.graph
+        consumers: dict[str, int] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers[name] = consumers.get(name, 0) + 1
+        for index, node in enumerate(graph.node):
+            where = _describe(node, prepared.position(node, index))
+            data = [name for name in node.input if name and name not in self.consts]
+            if not data:
+                raise UnsupportedLayerError(
+                    f"{self.path}: {where} computes on constants only, and lipsdp could not evaluate it; fold "
+                    "constants before export (e.g. onnxsim)"
+                )
+            unknown = [name for name in data if name not in self.tensors]
+            if unknown:
+                raise UnsupportedLayerError(f"{self.path}: {where} reads '{unknown[0]}', which no earlier node computes")
+            extra = [o for o in node.output[1:] if o and consumers.get(o, 0)]
+            if extra:
+                kind = " (the indices of the maxima are not a Lipschitz function)" if node.op_type in _POOLS else ""
+                raise UnsupportedLayerError(f"{self.path}: {where}: its extra outputs {extra} are used{kind}")
+            op = node.op_type
+            if op in _POOLS:
+                self.maxpool(node, data[0], where)
+            elif op == "Sum" or (op in ("Add", "Sub") and len(data) > 1):
+                self.sum(node, where)
+            elif op == "Concat":
+                self.concat(node, where)
+            elif len(data) > 1:
+                hint = f" ({_HINTS[op]})" if op in _HINTS else ""
+                raise UnsupportedLayerError(
+                    f"{self.path}: {where} combines the computed tensors {data}{hint}; lipsdp reads graphs whose "
+                    "branches meet in Add, Sub, Sum or Concat"
+                )
+            else:
+                self.enter(data[0], where)
+                self.add(index, node, data)
+                self.tensors[node.output[0]] = (self.builder.current, self.layout)
+        if self.output not in self.tensors:
+            raise UnsupportedLayerError(f"{self.path}: the graph output '{self.output}' is not computed from its input")
+        self.graph.output = self.plain(self.output, "the final Transpose")
+        return to_network(self.graph)
+
+    def sum(self, node: Any, where: str) -> None:
+        """Add, Sub (second input negated) and Sum of computed tensors of one shape, plus any constants."""
+        names = [name for name in node.input if name]
+        shapes = {self.tensors[n][1].shape for n in names if n not in self.consts}
+        if len(shapes) != 1:
+            raise UnsupportedLayerError(
+                f"{self.path}: {where} adds computed tensors of shapes {sorted(shapes)}; lipsdp adds computed tensors "
+                "of one shape only (no broadcasting between them)"
+            )
+        indices = [self.tensors[n][1].index for n in names if n not in self.consts]
+        same = all(i is None for i in indices) or (
+            all(i is not None for i in indices) and all(np.array_equal(i, indices[0]) for i in indices))
+        first = next(n for n in names if n not in self.consts)
+        self.enter(first, where)
+        if not same:
+            self.layout.settle(self.layout.shape)
+        nodes, constant = [], np.zeros(self.layout.size)
+        for position, name in enumerate(names):
+            sign = -1.0 if node.op_type == "Sub" and position == 1 else 1.0
+            if name in self.consts:
+                constant = constant + sign * self.broadcast(self.const(name, where), where)
+                continue
+            part = self.tensors[name][0] if same else self.plain(name, where)
+            if sign < 0:
+                part = self.graph.affine(part, -np.ones(self.layout.size), None, where)
+            nodes.append(part)
+        result = self.graph.add(nodes, where) if len(nodes) > 1 else nodes[0]
+        if np.any(constant):
+            result = self.graph.affine(result, np.ones(self.layout.size), self.layout.vector(constant), where)
+        self.tensors[node.output[0]] = (result, self.layout)
+
+    def concat(self, node: Any, where: str) -> None:
+        """Concat along an axis: the flat vectors are stacked and the tensor's order becomes a `Layout` index."""
+        names = [name for name in node.input if name]
+        shapes = [self.tensors[n][1].shape if n not in self.consts else self.consts[n].shape for n in names]
+        rank = len(shapes[0])
+        axis = int(_attributes(node).get("axis", 0))
+        axis = axis + rank if axis < 0 else axis
+        if any(len(s) != rank for s in shapes) or not 0 <= axis < rank or any(
+                s[:axis] + s[axis + 1:] != shapes[0][:axis] + shapes[0][axis + 1:] for s in shapes):
+            raise UnsupportedLayerError(f"{self.path}: {where} concatenates tensors of shapes {shapes} on axis {axis}")
+        if axis == 0 and rank > 1:
+            raise UnsupportedLayerError(f"{self.path}: {where} concatenates along the batch axis")
+        nodes, parts = [], []
+        for name, shape in zip(names, shapes):
+            if name in self.consts:
+                nodes.append(self.graph.constant(np.asarray(self.consts[name], dtype=np.float64).reshape(-1), where))
+                parts.append((shape, None))
+            else:
+                graph_node, layout = self.tensors[name]
+                nodes.append(graph_node)
+                parts.append((shape, layout.index))
+        self.tensors[node.output[0]] = (self.graph.concat(nodes, where), concat_layout(parts, axis))
+
+    def maxpool(self, node: Any, name: str, where: str) -> None:
+        """MaxPool (2-D, floor mode; -inf padding ignored) and GlobalMaxPool as windows of the flat vector."""
+        self.enter(name, where)
+        c, h, w = self.image(where)
+        if node.op_type == "GlobalMaxPool":
+            windows = np.arange(c)[:, None] * (h * w) + np.arange(h * w)[None, :]
+            out = (c, 1, 1)
+        else:
+            attrs = _attributes(node)
+            kernel = tuple(int(k) for k in attrs.get("kernel_shape", ()))
+            if len(kernel) != 2:
+                raise UnsupportedLayerError(f"{self.path}: {where}: only 2-D max pooling is supported (kernel {kernel})")
+            dilation = tuple(int(d) for d in attrs.get("dilations", (1, 1)))
+            strides, pads = self._window(attrs, kernel, dilation, where)
+            if attrs.get("ceil_mode", 0):
+                sizes = [(h, w)[i] + pads[i] + pads[2 + i] - dilation[i] * (kernel[i] - 1) - 1 for i in (0, 1)]
+                if any(size % strides[i] for i, size in enumerate(sizes)):
+                    raise UnsupportedLayerError(f"{self.path}: {where}: ceil_mode=1 with partial windows is not supported")
+            try:
+                windows, out = maxpool2d_windows((c, h, w), kernel, stride=strides, padding=pads, dilation=dilation)
+            except ModelLoadError as exc:
+                raise UnsupportedLayerError(f"{self.path}: {where}: {exc}") from None
+        if self.layout.index is not None:  # windows of the tensor's positions, as indices of the flat vector
+            flat = self.layout.index.reshape(-1)
+            windows = np.where(windows >= 0, flat[np.maximum(windows, 0)], -1)
+        pooled = self.graph.maxpool(self.builder.current, windows, where)
+        self.tensors[node.output[0]] = (pooled, Layout((1, *out)))
+
+
+def _needs_graph(graph: Any, consts: dict[str, np.ndarray]) -> bool:
+    """True when the graph is not a chain: a computed tensor read by several nodes (or also an output), a
+    node merging computed tensors, or max pooling."""
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        data = [name for name in node.input if name and name not in consts]
+        if node.op_type in _POOLS or node.op_type in _MERGES and (len(data) > 1 or node.op_type == "Concat"):
+            return True
+        for name in set(data):
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    return any(count > 1 or (name in outputs) for name, count in readers.items())
+
+
 def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, **_: Any) -> Network:
-    """Read an ONNX chain graph into a Network (float64 copies of its weights).
+    """Read an ONNX graph into a Network (float64 copies of its weights): a chain directly, a graph that
+    branches or max-pools through `lipsdp.graph` (the exact lowering to a chain).
 
     `input_shape` (per sample, no batch dimension) is needed only when the graph's input has symbolic sizes
     other than the batch dimension. Raises ModelLoadError for unreadable files and UnsupportedLayerError
@@ -352,6 +561,8 @@ def load_onnx(path: str | Path, *, input_shape: tuple[int, ...] | None = None, *
         raise ModelLoadError(f"{path}: the ONNX graph has no nodes")
     prepared = prepare(model, str(path), input_shape)
     graph = prepared.graph
+    if _needs_graph(graph, prepared.consts):
+        return _OnnxGraph(path, prepared).walk(prepared)
     chain = _OnnxChain(path, prepared)
     consumers: dict[str, int] = {}
     readers: dict[str, list[str]] = {}

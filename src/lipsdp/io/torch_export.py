@@ -7,8 +7,12 @@ constants), data movement (view, reshape, flatten, squeeze, unsqueeze, permute, 
 `layout.Layout`) or elementwise activations (relu, leaky_relu, tanh, sigmoid, elu, softplus). So custom
 modules with a `forward` (x.view(x.size(0), -1), F.relu, loops that unroll into a chain) read without any
 module walking, and nodes that compute from parameters only (weight normalisation, w.t()) are evaluated
-once. Residual additions, concatenations, max pooling, attention and other non-chain graphs raise an
-error naming the node. Shapes come from the exported program itself (every node records its output).
+once. Padding (aten.pad / constant_pad_nd / reflection_pad / replication_pad: constant, reflect,
+replicate, circular) is an affine map. A graph that branches (residual `add` / `sub` of two computed
+tensors, `cat`) or max-pools (max_pool2d) is read into a `lipsdp.graph.Graph` by the same operations and
+lowered exactly to a chain (`lipsdp.graph.to_network`); a chain keeps the direct path. Attention,
+products of computed tensors and other ops raise an error naming the node. Shapes come from the exported
+program itself (every node records its output).
 
 `load_pt2` reads files written by `torch.export.save`. `torch.export.load` can unpickle and can load
 compiled code, so lipsdp first opens the archive itself and refuses any that holds pickled weights or
@@ -17,6 +21,7 @@ constants, custom objects, AOTInductor binaries or sample inputs that need a ful
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -28,21 +33,20 @@ import numpy as np
 
 from lipsdp.activations import activation
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
-from lipsdp.io.chain import ChainBuilder
-from lipsdp.io.layout import Layout
-from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix
+from lipsdp.graph import Graph, to_network
+from lipsdp.io.chain import ChainBuilder, GraphBuilder
+from lipsdp.io.layout import Layout, concat_layout
+from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix, maxpool2d_windows, pad_matrix
 from lipsdp.network import Network
 
 SUPPORTED_OPS = (
-    "linear, conv2d, avg_pool2d, adaptive_avg_pool2d, batch_norm (eval), add/sub/mul/div/neg by constants, "
-    "view, reshape, flatten, squeeze, unsqueeze, permute, transpose, dropout (eval), relu, leaky_relu, tanh, "
-    "sigmoid, elu, softplus"
+    "linear, conv2d, avg_pool2d, adaptive_avg_pool2d, max_pool2d, batch_norm (eval), add/sub/mul/div/neg by "
+    "constants, add/sub of computed tensors (residual connections), cat, pad, view, reshape, flatten, squeeze, "
+    "unsqueeze, permute, transpose, dropout (eval), relu, leaky_relu, tanh, sigmoid, elu, softplus"
 )
 _HINTS = {
-    "max_pool": "max pooling is not an elementwise slope-restricted map and lipsdp does not support it yet; use "
-    "avg_pool2d or a strided conv2d",
-    "cat": "concatenating computed tensors makes the graph branch; residual and branching graphs are not "
-    "supported yet",
+    "max_pool": "only 2-D max pooling (max_pool2d) is supported",
+    "mul": "a product of two computed tensors is not an affine map",
     "softmax": "drop the final softmax and bound the logits (certified radii use logit margins)",
     "layer_norm": "layer normalisation is not an affine map of the input; it cannot be folded",
     "scaled_dot_product_attention": "attention multiplies computed tensors; it has no global Lipschitz "
@@ -64,6 +68,11 @@ _RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze
 _TRANSPOSES = {"permute", "transpose", "t", "numpy_T"}
 _ELEMENTWISE = {"add", "sub", "mul", "div", "rsub", "neg"}
 _ACTIVATIONS = {"relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_PADS = {"pad": None, "constant_pad_nd": "constant", "reflection_pad1d": "reflect", "reflection_pad2d": "reflect",
+         "reflection_pad3d": "reflect", "replication_pad1d": "edge", "replication_pad2d": "edge",
+         "replication_pad3d": "edge", "_pad_circular": "wrap"}
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+_MAX_POOLS = {"max_pool2d", "max_pool2d_with_indices"}
 _MAX_KRON = 50_000_000
 
 
@@ -289,6 +298,8 @@ class _ExportChain:
                 raise UnsupportedLayerError(f"{self.source}: {where} is a training-mode dropout; export in eval mode")
         elif name in _ELEMENTWISE:
             self.elementwise(node, name, args, kwargs, out_shape, where)
+        elif name in _PADS:
+            self.pad(name, args, kwargs, out_shape, where)
         elif name in _ACTIVATIONS:
             b.activation(activation(_ACTIVATIONS[name]))
         elif name in ("clamp", "clamp_min", "clamp_") and _is_relu_clamp(name, args, kwargs):
@@ -310,12 +321,40 @@ class _ExportChain:
         else:
             hint = f" ({_hint(name)})" if _hint(name) else ""
             raise UnsupportedLayerError(
-                f"{self.source}: {where} is not supported{hint}; lipsdp reads chains of {SUPPORTED_OPS}"
+                f"{self.source}: {where} is not supported{hint}; lipsdp reads graphs of {SUPPORTED_OPS}"
             )
 
     def dense(self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str) -> None:
         self.builder.affine(self.layout.columns(matrix), bias, where)
         self.layout.settle(shape)
+
+    def pad(self, name: str, args: list, kwargs: dict, out_shape, where: str) -> None:
+        """Constant, reflect, replicate or circular padding: amounts in pairs from the last axis backwards."""
+        shape = self.layout.shape
+        amounts = [int(v) for v in _arg(args, kwargs, 1, "pad" if name in ("pad", "constant_pad_nd") else "padding", ())]
+        mode = _PADS[name]
+        if mode is None:
+            given = str(_arg(args, kwargs, 2, "mode", "constant"))
+            if given not in _PAD_MODES:
+                raise UnsupportedLayerError(f"{self.source}: {where}: padding mode '{given}' is not supported")
+            mode = _PAD_MODES[given]
+        value = _arg(args, kwargs, 3 if name == "pad" else 2, "value", None) if mode == "constant" else None
+        if len(amounts) % 2 or len(amounts) // 2 > len(shape):
+            raise UnsupportedLayerError(f"{self.source}: {where}: padding {amounts} does not fit shape {shape}")
+        before, after = [0] * len(shape), [0] * len(shape)
+        for i in range(len(amounts) // 2):
+            before[len(shape) - 1 - i], after[len(shape) - 1 - i] = amounts[2 * i], amounts[2 * i + 1]
+        if len(shape) > 1 and (before[0] or after[0]):
+            raise UnsupportedLayerError(f"{self.source}: {where} pads the batch axis; lipsdp reads one sample at a time")
+        try:
+            matrix, bias, padded = pad_matrix(shape, before, after, mode, 0.0 if value is None else float(value))
+        except ModelLoadError as exc:
+            raise UnsupportedLayerError(f"{self.source}: {where}: {exc}") from None
+        if tuple(padded) != tuple(out_shape):
+            raise UnsupportedLayerError(
+                f"{self.source}: {where}: lipsdp pads to shape {tuple(padded)}, torch recorded {tuple(out_shape)}"
+            )
+        self.dense(matrix, bias, out_shape, where)
 
     def diagonal(self, scale: np.ndarray, shift: np.ndarray | None, where: str) -> None:
         vector = self.layout.vector
@@ -473,6 +512,197 @@ class _ExportChain:
             raise UnsupportedLayerError(f"{self.source}: {where}: dividing a constant by the data is not affine")
 
 
+class _ExportGraph(_ExportChain):
+    """Reads a program that branches or max-pools into a `lipsdp.graph.Graph`: the chain operations run on
+    each node's input tensor (its graph node and `Layout`); sums, concatenations and max pooling here."""
+
+    def __init__(self, program: Any, source: str) -> None:
+        super().__init__(program, source)
+        self.graph = Graph(self.layout.size, where=f"input '{self.current.name}'")
+        self.tensors: dict[Any, tuple[int, Layout]] = {self.current: (0, self.layout)}
+        self.with_indices: set[Any] = set()
+
+    def enter(self, data: Any, where: str) -> None:
+        node, layout = self.tensors[data]
+        self.current = data
+        self.layout = copy.copy(layout)
+        self.builder = GraphBuilder(self.graph, node, self.source, where)
+
+    def plain(self, data: Any, where: str) -> int:
+        node, layout = self.tensors[data]
+        permutation = layout.output_permutation()
+        return node if permutation is None else self.graph.affine(node, permutation, None, where)
+
+    def walk(self, program: Any) -> Network:
+        for node in program.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "get_attr":
+                self.consts[node] = getattr(program.graph_module, node.target)
+                continue
+            if node.op == "output":
+                self.finish(node)
+                break
+            if node.op != "call_function":
+                raise UnsupportedLayerError(f"{self.source}: {_describe(node)} is not supported ({node.op})")
+            self.visit(node)
+        return to_network(self.graph)
+
+    def finish(self, node: Any) -> None:
+        outputs = node.args[0]
+        outputs = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+        if len(outputs) != 1:
+            raise UnsupportedLayerError(
+                f"{self.source}: the model returns {len(outputs)} values; lipsdp reads models with one output tensor"
+            )
+        if outputs[0] not in self.tensors:
+            raise UnsupportedLayerError(f"{self.source}: the output does not depend on the input")
+        self.graph.output = self.plain(outputs[0], "the final permute")
+
+    def visit(self, node: Any) -> None:
+        import torch
+
+        data = self.data_args(node)
+        where = _describe(node)
+        name = _op_name(node)
+        if not data:
+            if name != "_assert_tensor_metadata":
+                with torch.no_grad():  # computed from parameters only: evaluate once
+                    self.consts[node] = node.target(*self.value(node.args), **self.value(node.kwargs))
+            return
+        if name == "_assert_tensor_metadata":
+            return
+        if name in _MAX_POOLS and len(data) == 1:
+            self.maxpool(node, name, data[0], where)
+        elif name == "getitem" and data[0] in self.with_indices:
+            if node.args[1] != 0:
+                raise UnsupportedLayerError(
+                    f"{self.source}: {where} reads the indices of the maxima, which are not a Lipschitz function"
+                )
+            self.tensors[node] = self.tensors[data[0]]
+        elif name in ("add", "sub") and len(data) == 2:
+            self.sum(node, name, data, where)
+        elif name == "cat":
+            self.cat(node, where)
+        elif len(data) > 1:
+            hint = f"; {_hint(name)}" if _hint(name) else ""
+            raise UnsupportedLayerError(
+                f"{self.source}: {where} combines computed tensors ({', '.join(d.name for d in data)}){hint}; "
+                "lipsdp reads graphs whose branches meet in add, sub or cat"
+            )
+        else:
+            self.enter(data[0], where)
+            self.apply(node, _op_name(node), where)
+            self.tensors[node] = (self.builder.current, self.layout)
+
+    def sum(self, node: Any, name: str, data: list, where: str) -> None:
+        """a + alpha b or a - alpha b of two computed tensors of one shape."""
+        first, second = data
+        shapes = {self.tensors[first][1].shape, self.tensors[second][1].shape, _shape_of(node)}
+        if len(shapes) != 1:
+            raise UnsupportedLayerError(
+                f"{self.source}: {where} adds computed tensors of shapes {sorted(shapes)}; lipsdp adds computed "
+                "tensors of one shape only (no broadcasting between them)"
+            )
+        alpha = float(node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1))
+        scale = -alpha if name == "sub" else alpha
+        a, b = self.tensors[first][1].index, self.tensors[second][1].index
+        same = (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+        self.enter(first, where)
+        if not same:
+            self.layout.settle(self.layout.shape)
+        left = self.tensors[first][0] if same else self.plain(first, where)
+        right = self.tensors[second][0] if same else self.plain(second, where)
+        if scale != 1.0:
+            right = self.graph.affine(right, np.full(self.layout.size, scale), None, where)
+        self.tensors[node] = (self.graph.add([left, right], where), self.layout)
+
+    def cat(self, node: Any, where: str) -> None:
+        items = list(node.args[0])
+        dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
+        shapes, nodes, parts = [], [], []
+        for item in items:
+            if item in self.tensors:
+                graph_node, layout = self.tensors[item]
+                shapes.append(layout.shape)
+                nodes.append(graph_node)
+                parts.append((layout.shape, layout.index))
+            else:
+                value = _numpy(self.value(item))
+                shapes.append(tuple(value.shape))
+                nodes.append(self.graph.constant(value.reshape(-1), where))
+                parts.append((tuple(value.shape), None))
+        rank = len(shapes[0])
+        dim = dim % rank if rank else 0
+        if any(len(s) != rank for s in shapes) or any(
+                s[:dim] + s[dim + 1:] != shapes[0][:dim] + shapes[0][dim + 1:] for s in shapes):
+            raise UnsupportedLayerError(f"{self.source}: {where} concatenates tensors of shapes {shapes} on dim {dim}")
+        if dim == 0 and rank > 1:
+            raise UnsupportedLayerError(f"{self.source}: {where} concatenates along the batch axis")
+        layout = concat_layout(parts, dim)
+        if tuple(layout.shape) != _shape_of(node):
+            raise UnsupportedLayerError(f"{self.source}: {where}: lipsdp concatenates to {layout.shape}, torch "
+                                        f"recorded {_shape_of(node)}")
+        self.tensors[node] = (self.graph.concat(nodes, where), layout)
+
+    def maxpool(self, node: Any, name: str, data: Any, where: str) -> None:
+        """max_pool2d (floor mode, -inf padding) as windows of the flat vector."""
+        self.enter(data, where)
+        args, kwargs = list(node.args), dict(node.kwargs)
+        image = self.image(where)
+        kernel = _pair(args[1])
+        stride = _arg(args, kwargs, 2, "stride", None)
+        stride = kernel if not stride else _pair(stride)
+        padding = _pair(_arg(args, kwargs, 3, "padding", 0))
+        dilation = _pair(_arg(args, kwargs, 4, "dilation", 1))
+        try:
+            windows, shape = maxpool2d_windows(image, kernel, stride=stride, padding=padding, dilation=dilation)
+        except ModelLoadError as exc:
+            raise UnsupportedLayerError(f"{self.source}: {where}: {exc}") from None
+        val = node.meta.get("val")
+        recorded = tuple(int(d) for d in (val[0] if isinstance(val, (tuple, list)) else val).shape)
+        if tuple(shape) != recorded[-3:]:
+            raise UnsupportedLayerError(
+                f"{self.source}: {where}: lipsdp pools to shape {tuple(shape)}, torch recorded {recorded} "
+                "(ceil_mode=True with partial windows is not supported)"
+            )
+        if self.layout.index is not None:
+            flat = self.layout.index.reshape(-1)
+            windows = np.where(windows >= 0, flat[np.maximum(windows, 0)], -1)
+        pooled = self.graph.maxpool(self.builder.current, windows, where)
+        if name == "max_pool2d_with_indices":
+            self.with_indices.add(node)
+        self.tensors[node] = (pooled, Layout(recorded))
+
+
+def _nodes_in(value: Any, nodes: set[Any]) -> list[Any]:
+    """The members of `nodes` among the (nested) arguments `value`, with repetitions."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _nodes_in(v, nodes)]
+    return [value] if hasattr(value, "users") and value in nodes else []
+
+
+def _needs_graph(program: Any, start: Any) -> bool:
+    """True when the program is not a chain from `start` (the user input): a computed tensor read by several
+    nodes (or also returned), a node reading two computed tensors, concatenation or max pooling."""
+    data = {start}
+    readers: dict[Any, int] = {}
+    for node in program.graph.nodes:
+        if node.op not in ("call_function", "output"):
+            continue
+        found = _nodes_in((node.args, node.kwargs), data)
+        if not found or (node.op == "call_function" and _op_name(node) == "_assert_tensor_metadata"):
+            continue
+        name = _op_name(node) if node.op == "call_function" else "output"
+        if len(found) > 1 or name in _MAX_POOLS or name == "cat":
+            return True
+        data.add(node)
+        readers[found[0]] = readers.get(found[0], 0) + 1
+    return any(count > 1 for count in readers.values())
+
+
 def _is_relu_clamp(name: str, args: list, kwargs: dict) -> bool:
     """clamp(x, min=0) with no upper limit is exactly relu(x)."""
     low = _arg(args, kwargs, 1, "min", None)
@@ -494,7 +724,8 @@ def _pair(value: Any) -> tuple[int, int]:
 
 
 def from_exported(program: Any, *, source: str = "exported program") -> Network:
-    """Read an `ExportedProgram` whose graph is a chain into a Network (float64 copies of its weights).
+    """Read an `ExportedProgram` into a Network (float64 copies of its weights): a chain directly, a graph
+    that branches or max-pools through `lipsdp.graph` (the exact lowering to a chain).
 
     The input tensor of the program (its recorded example shape, batch dimension included) is the network's
     input, flattened in C order. Raises UnsupportedLayerError naming the first node that is not part of a
@@ -506,7 +737,10 @@ def from_exported(program: Any, *, source: str = "exported program") -> Network:
            for d in getattr(n.meta.get("val"), "shape", ())):
         program = _static_batch_of_one(program, source)
     with torch.no_grad():
-        return _ExportChain(program, source).walk(program)
+        chain = _ExportChain(program, source)
+        if _needs_graph(program, chain.current):
+            return _ExportGraph(program, source).walk(program)
+        return chain.walk(program)
 
 
 def _static_batch_of_one(program: Any, source: str) -> Any:

@@ -4,7 +4,8 @@ the ATen graph of `torch.export.export`; this module-by-module path is the fast 
 
 Affine layers: Linear, Conv2d and AvgPool2d (unrolled to matrices on the C-order flattened input; they
 need `input_shape=(C, H, W)`), BatchNorm1d/2d (eval semantics: running statistics, folded into the
-neighbouring affine layer), Flatten/Unflatten, Identity, Dropout (the identity at evaluation).
+neighbouring affine layer), Flatten/Unflatten, Identity, Dropout (the identity at evaluation). A Sequential
+with MaxPool2d or padding modules is read through `torch_export` (max pooling is lowered by `lipsdp.graph`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ SUPPORTED_MODULES = (
 )
 
 _HINTS = {
-    "MaxPool": "max pooling is not a slope-restricted elementwise map; replace it by AvgPool2d or a strided Conv2d",
+    "MaxPool": "only 2-D max pooling (MaxPool2d) is supported",
     "Attention": "attention (products of activations) has no global Lipschitz constant LipSDP can bound",
     "Softmax": "drop the final softmax: bound the logits (certified radii use logit margins)",
     "LayerNorm": "layer normalisation is not an affine map of the input; it cannot be folded",
 }
+
+
+def _graph_modules() -> tuple[type, ...]:
+    from torch import nn
+
+    return (nn.MaxPool2d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+            nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d, nn.CircularPad2d)
 
 
 def _activation_of(module: Any) -> Activation | None:
@@ -232,6 +240,8 @@ def from_torch(model: Any, *, input_shape: tuple[int, ...] | None = None, **_: A
     from lipsdp.io.torch_export import from_module
 
     if not _builtin(model):
+        return from_module(model, input_shape=input_shape)
+    if any(isinstance(m, _graph_modules()) for m in flatten_modules(model)):  # lowered through lipsdp.graph
         return from_module(model, input_shape=input_shape)
     chain = _TorchChain(input_shape)
     for index, module in enumerate(flatten_modules(model)):

@@ -1,4 +1,5 @@
-"""Convolutions and average pooling as explicit matrices on flattened (C, H, W) inputs.
+"""Convolutions, average pooling and padding as explicit matrices on flattened (C, H, W) inputs, and the
+windows of max pooling.
 
 A 2-D convolution (zero padding) or average pooling is a linear map of the C-order flattened input, so
 LipSDP can treat it as an ordinary affine layer. The matrices are assembled by index arithmetic into a
@@ -172,3 +173,63 @@ def _pads(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     if len(padding) == 4:
         return padding  # ONNX order: begin_h, begin_w, end_h, end_w
     raise ModelLoadError(f"padding must be an int, (pad_h, pad_w) or (top, left, bottom, right); got {padding}")
+
+
+def maxpool2d_windows(
+    input_shape: tuple[int, int, int],
+    kernel: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] | None = None,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The windows of 2-D max pooling (floor mode) on the C-order flattened (C, H, W) input.
+
+    Returns (windows, output shape): row i of `windows` holds the input indices of output i's window, -1
+    where the window covers padding (which max pooling ignores: it pads with -inf).
+    """
+    c, h, w = (int(v) for v in input_shape)
+    kh, kw = _pair(kernel, "kernel_size")
+    st = _pair(kernel if stride is None else stride, "stride")
+    out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), st, _pads(padding),
+                                                      _pair(dilation, "dilation"))
+    flat = np.where(valid, rows * w + cols, -1).reshape(out_h * out_w, kh * kw)
+    if np.any(np.all(flat < 0, axis=1)):
+        raise ModelLoadError(f"a max-pooling window lies entirely in the padding (kernel {kernel}, padding {padding})")
+    channel = (np.arange(c) * h * w)[:, None, None]
+    windows = np.where(flat[None] >= 0, flat[None] + channel, -1).reshape(c * out_h * out_w, kh * kw)
+    return windows.astype(np.int64), (c, out_h, out_w)
+
+
+def pad_matrix(
+    shape: Sequence[int], before: Sequence[int], after: Sequence[int], mode: str = "constant", value: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """Padding of a C-order tensor as an affine map y = P x + q: (P, q, output shape).
+
+    `before` / `after` are per-axis amounts (negative ones crop); `mode` is 'constant' (entries `value`),
+    'edge' (replicate), 'reflect' (mirror, edge excluded) or 'wrap' (circular), as numpy.pad and ONNX Pad
+    define them. P is a 0/1 matrix (each output entry copies one input entry or is the constant).
+    """
+    shape = tuple(int(v) for v in shape)
+    if len(before) != len(shape) or len(after) != len(shape):
+        raise ModelLoadError(f"padding {list(before)} / {list(after)} does not match a tensor of shape {shape}")
+    index = np.arange(int(np.prod(shape))).reshape(shape)
+    crop = tuple(slice(max(0, -int(b)), n - max(0, -int(a))) for b, a, n in zip(before, after, shape))
+    index = index[crop]
+    if index.size == 0:
+        raise ModelLoadError(f"padding {list(before)} / {list(after)} crops the whole tensor of shape {shape}")
+    widths = [(max(0, int(b)), max(0, int(a))) for b, a in zip(before, after)]
+    if mode == "constant":
+        padded = np.pad(index, widths, mode="constant", constant_values=-1)
+    elif mode in ("edge", "reflect", "wrap"):
+        if mode == "reflect" and any(p >= n for (b, a), n in zip(widths, index.shape) for p in (b, a) if p):
+            raise ModelLoadError(f"reflect padding {widths} needs fewer entries than the axis has ({index.shape})")
+        padded = np.pad(index, widths, mode=mode)
+    else:
+        raise ModelLoadError(f"padding mode '{mode}' is not one of constant, edge, reflect, wrap")
+    src = padded.reshape(-1)
+    inside = src >= 0
+    matrix = np.zeros((src.size, int(np.prod(shape))))
+    matrix[np.flatnonzero(inside), src[inside]] = 1.0
+    bias = np.where(inside, 0.0, float(value))
+    return matrix, bias, tuple(padded.shape)
