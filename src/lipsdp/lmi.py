@@ -149,7 +149,7 @@ def sequential_multipliers(net: Network) -> np.ndarray:
 def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau: float) -> np.ndarray:
     p = x + tau * (w.T @ (ab[:, None] * w))
     dw = d[:, None] * w
-    return 2.0 * tau * np.eye(w.shape[0]) - tau**2 * (dw @ np.linalg.solve(p, dw.T))
+    return 2.0 * tau * np.eye(w.shape[0]) - tau * tau * (dw @ np.linalg.solve(p, dw.T))
 
 
 def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0: float) -> float:
