@@ -90,6 +90,16 @@ def test_onnx_residual_block_with_transposes_and_a_subtraction(tmp_path):
     max_error_vs_ort(path, (2, 4, 4))
 
 
+def test_onnx_sum_of_one_computed_tensor_and_constants(tmp_path):
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"], transB=1),
+        helper.make_node("Sum", ["h", "c1", "c2"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    path = save(tmp_path / "sum.onnx", nodes, (3,), "y", {"w": f32(4, 3), "c1": f32(4), "c2": f32(1, 4)})
+    max_error_vs_ort(path, (3,))
+
+
 @pytest.mark.parametrize(
     "attrs",
     [

@@ -533,7 +533,7 @@ def _needs_graph(graph: Any, consts: dict[str, np.ndarray]) -> bool:
     readers: dict[str, int] = {}
     for node in graph.node:
         data = [name for name in node.input if name and name not in consts]
-        if node.op_type in _POOLS or node.op_type in _MERGES and (len(data) > 1 or node.op_type == "Concat"):
+        if node.op_type in _POOLS or (node.op_type in _MERGES and (len(data) > 1 or node.op_type in ("Concat", "Sum"))):
             return True
         for name in set(data):
             readers[name] = readers.get(name, 0) + 1
