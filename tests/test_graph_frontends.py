@@ -303,7 +303,7 @@ def test_cli_certifies_resnet_vnnlib_properties_with_naive_bounds():
 
     from lipsdp.cli import app
 
-    props = sorted(str(p) for p in (REALNETS / "vnnlib" / "resnet2b").glob("*.vnnlib"))[:2]  # 9 pair bounds each
+    props = sorted(str(p) for p in (REALNETS / "vnnlib" / "resnet2b").glob("*.vnnlib"))[:1]  # 9 pair bounds
     out = CliRunner().invoke(app, ["certify", str(REALNETS / "cnn" / "resnet_2b.onnx"), *props, "--method", "naive",
                                    "--json"])
     assert out.exit_code == 0, out.output
