@@ -1,0 +1,207 @@
+"""The anytime tier (first-order LipSDP-Neuron): sound at every stopping point, tight with enough steps.
+
+Truths used, none computed by the anytime code: the dense CVXPY formulation solved by Clarabel (its own
+optimal value `raw` and its verified bound), exact constants of nonnegative ReLU nets (L = ||W_l ... W_0||:
+every neuron is active for x >= 0 and the spectral norm is monotone on nonnegative matrices) and of
+decoupled scalar chains (diagonal weights: L = max_i |prod_k w_k,i|, attained at x = 0 for tanh), and
+Jacobian norms at x = 0 as lower bounds. Every run is step-limited (`budget=None`), so nothing depends
+on the machine's speed.
+"""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import he_network
+
+import lipsdp
+from lipsdp import Network
+from lipsdp.lmi import Balancing, sequential_multipliers
+from lipsdp.methods import get_method
+from lipsdp.methods.anytime import _line_search, _Objective
+
+REALNETS = Path(__file__).resolve().parents[2] / "shared" / "realnets" / "fc"
+
+
+def _anytime(net, steps: int, **options) -> lipsdp.Result:
+    return lipsdp.estimate(net, "anytime", budget=None, steps=steps, **options)
+
+
+def _mixed_net(seed: int) -> Network:
+    rng = np.random.default_rng(seed)
+    sizes = [3, 6, 5, 4, 2]
+    weights = [rng.normal(0, 1.0, size=(b, a)) for a, b in pairwise(sizes)]
+    return Network.from_arrays(weights, ["tanh", "leaky_relu:0.2", "sigmoid"])
+
+
+def _local_slopes_net() -> Network:
+    net = he_network([3, 6, 6, 2], seed=7)
+    rng = np.random.default_rng(0)
+    alphas = [rng.uniform(0, 0.5, n) for n in net.hidden_sizes]
+    betas = [a + rng.uniform(0, 1, a.size) for a in alphas]
+    return net.with_slopes(alphas, betas)
+
+
+NETS = {
+    "relu-deep": lambda: he_network([4, 8, 8, 8, 8, 3], seed=1),
+    "relu-wide-input": lambda: he_network([30, 6, 6, 2], seed=2),  # eigenproblem reduced to the hidden width
+    "mixed": lambda: _mixed_net(3),
+    "per-neuron-slopes": _local_slopes_net,
+}
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_reaches_the_dense_optimum_from_above(name):
+    """Verified anytime bound >= the SDP optimum and within 1e-4 of it. The optimum: Clarabel's own value
+    (accurate to its tolerance, ~1e-7 relative) and, where the interior point reports one, its proven
+    lower bound from a dual point."""
+    net = NETS[name]()
+    dense = lipsdp.estimate(net, "neuron-dense", solver="clarabel")
+    res = _anytime(net, steps=3000)
+    assert res.verified
+    assert res.upper >= dense.raw * (1 - 1e-6)
+    proven_lower = getattr(lipsdp.estimate(net, "neuron"), "sdp_lower", None)
+    if proven_lower is not None:
+        assert res.upper >= proven_lower
+    assert res.upper <= dense.upper * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_never_looser_than_sequential(name):
+    net = NETS[name]()
+    sequential = lipsdp.estimate(net, "sequential").upper
+    previous = np.inf
+    for steps in (0, 1, 10, 100):
+        upper = _anytime(net, steps=steps).upper
+        assert upper <= sequential * (1 + 1e-9)
+        assert upper <= previous * (1 + 1e-9)  # more steps never hurt: the best iterate is kept
+        previous = upper
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nonnegative_relu_net_exact(seed):
+    rng = np.random.default_rng(seed)
+    sizes = [4, 7, 6, 5, 3]
+    weights = [rng.random((b, a)) for a, b in pairwise(sizes)]
+    exact = float(np.linalg.norm(weights[3] @ weights[2] @ weights[1] @ weights[0], 2))
+    res = _anytime(Network.from_arrays(weights, "relu"), steps=2000)
+    assert exact * (1 - 1e-12) <= res.upper <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_decoupled_scalar_chains_exact(act):
+    """Diagonal weights decouple the net into scalar chains; with hidden weights positive (so relu chains
+    stay active) L = max_i |w_0,i w_1,i w_2,i|; the top eigenvalue is multiple at the optimum."""
+    rng = np.random.default_rng(4)
+    n = 5
+    diags = [rng.uniform(0.5, 2.0, n), rng.uniform(0.5, 2.0, n), rng.uniform(-2.0, 2.0, n)]
+    exact = float(np.max(np.abs(diags[0] * diags[1] * diags[2])))
+    res = _anytime(Network.from_arrays([np.diag(d) for d in diags], act), steps=2000)
+    assert exact * (1 - 1e-12) <= res.upper <= exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e100, 1e-100])
+def test_extreme_scales_give_verified_finite_bounds(scale):
+    """A 3-layer tanh net with every weight times 1e100 or 1e-100 (constant near 1e300 / 1e-300): a finite
+    verified bound, above the Jacobian norm at 0 and equal to scale^3 times the unscaled bound."""
+    rng = np.random.default_rng(5)
+    ws = [rng.standard_normal((6, 3)) / 3, rng.standard_normal((5, 6)) / 3, rng.standard_normal((2, 5)) / 3]
+    base = _anytime(Network.from_arrays(ws, "tanh"), steps=300).upper
+    res = _anytime(Network.from_arrays([w * scale for w in ws], "tanh"), steps=300)
+    jacobian_at_zero = np.linalg.norm((ws[2] * scale) @ (ws[1] * scale) @ (ws[0] * scale), 2)
+    assert res.verified and np.isfinite(res.upper) and res.upper > 0
+    assert jacobian_at_zero <= res.upper
+    assert res.upper == pytest.approx(base * scale**3, rel=1e-6)
+
+
+def test_relu_constant_near_1e_minus_300():
+    rng = np.random.default_rng(6)
+    weights = [rng.random((5, 3)) * 1e-100, rng.random((4, 5)) * 1e-100, rng.random((2, 4)) * 1e-100]
+    scaled = [w * 1e100 for w in weights]
+    exact = float(np.linalg.norm(scaled[2] @ scaled[1] @ scaled[0], 2)) * 1e-300
+    res = _anytime(Network.from_arrays(weights, "relu"), steps=1000)
+    assert np.isfinite(res.upper) and exact * (1 - 1e-9) <= res.upper <= exact * (1 + 1e-4)
+
+
+def test_reproducible_with_a_seed():
+    net = he_network([5, 10, 10, 10, 3], seed=8)
+    first = _anytime(net, steps=150, seed=3)
+    second = _anytime(net, steps=150, seed=3)
+    assert first.upper == second.upper
+    np.testing.assert_array_equal(first.multipliers, second.multipliers)
+
+
+def test_notes_record_steps_and_the_reason_to_stop():
+    net = he_network([4, 8, 8, 2], seed=9)
+    limited = _anytime(net, steps=7)
+    assert any("7 quasi-Newton steps" in n and "stopped: step limit (7)" in n for n in limited.notes)
+    converged = _anytime(net, steps=100_000)
+    note = next(n for n in converged.notes if "quasi-Newton steps" in n)
+    assert "stopped: converged" in note
+    assert int(note.split()[0]) < 100_000
+
+
+def test_analytic_gradient_matches_finite_differences():
+    """d rho*/d t_i = -2 (x_i - a y_i)(x_i - b y_i) on the null vector of F, chained to log t and the
+    soft-max smoothing; against central differences of the value."""
+    for net in (_mixed_net(1), he_network([12, 5, 5, 2], seed=3)):
+        bal = Balancing.of(net)
+        net_b = bal.network(net)
+        obj = _Objective(net_b, "cpu")
+        s = torch.as_tensor(np.log(bal.multipliers(net, sequential_multipliers(net)))) + 0.05
+        point = obj.point(s)
+        assert point is not None
+        rng = np.random.default_rng(0)
+        for mu in (0.0, 1e-2 * point.rho):
+            grad = obj.gradient(point, mu)
+            for _ in range(3):
+                d = torch.as_tensor(rng.standard_normal(s.numel()))
+                eps = 1e-6
+                up, down = obj.smoothed(obj.point(s + eps * d), mu), obj.smoothed(obj.point(s - eps * d), mu)
+                fd = (up - down) / (2 * eps)
+                assert float(grad @ d) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+
+
+def test_a_step_leaving_the_domain_is_only_shortened():
+    """A huge step far outside the domain (R(T) not positive definite) is cut back to a feasible point with
+    sufficient decrease, not rejected."""
+    net = he_network([4, 8, 8, 2], seed=10)
+    bal = Balancing.of(net)
+    net_b = bal.network(net)
+    obj = _Objective(net_b, "cpu")
+    s = torch.as_tensor(np.log(bal.multipliers(net, sequential_multipliers(net))))
+    point = obj.point(s)
+    mu = 1e-2 * point.rho
+    phi, grad = obj.smoothed(point, mu), obj.gradient(point, mu)
+    direction = -1e4 * grad / torch.max(torch.abs(grad))
+    assert obj.point(s + direction) is None
+    found = _line_search(obj, s, phi, grad, direction, mu, 0.0, deadline=np.inf)
+    assert found is not None
+    new_point, new_phi = found[0], found[1]
+    assert new_point is not None and new_phi < phi
+
+
+def test_direct_call_on_a_depth_zero_net_is_the_norm():
+    w = np.array([[3.0, 0.0], [0.0, 1.0]])
+    assert get_method("anytime")(Network.from_arrays([w]), steps=5, budget=None).upper == pytest.approx(3.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    net = he_network([6, 12, 12, 3], seed=11)
+    cpu = _anytime(net, steps=200, device="cpu").upper
+    cuda = _anytime(net, steps=200, device="cuda").upper
+    assert cuda == pytest.approx(cpu, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REALNETS / "eclipse_gl_mnist_jr_elu.npz").exists(), reason="realnets not present")
+def test_elu_mnist_net_leaves_its_warm_start():
+    """784-128x3-10 ELU net: the former Adam tier ended at its layer-by-layer start (86.85); the exact
+    LipSDP-Neuron optimum is 30.3749 (structured interior point, verified)."""
+    res = _anytime(str(REALNETS / "eclipse_gl_mnist_jr_elu.npz"), steps=800)
+    assert 30.3748 <= res.upper <= 30.3749 * 1.01
