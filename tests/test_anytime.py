@@ -70,6 +70,18 @@ def test_reaches_the_dense_optimum_from_above(name):
     assert res.upper <= dense.upper * (1 + 1e-4)
 
 
+def test_limited_memory_path(monkeypatch):
+    """Above FULL_BFGS_MAX multipliers the quasi-Newton model is limited-memory (no dense Hessian): forced
+    here on a small net, it still reaches the optimum."""
+    import lipsdp.methods.anytime as anytime_module
+
+    net = NETS["relu-deep"]()
+    optimum = lipsdp.estimate(net, "neuron-dense", solver="clarabel")
+    monkeypatch.setattr(anytime_module, "FULL_BFGS_MAX", 0)
+    res = _anytime(net, steps=3000)
+    assert optimum.raw * (1 - 1e-6) <= res.upper <= optimum.upper * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("name", NETS)
 def test_never_looser_than_sequential(name):
     net = NETS[name]()
