@@ -120,6 +120,7 @@ class _Objective:
         self.evaluations = 0
         self.best_rho = math.inf
         self.best_s = None
+        self.start_rho = math.inf
         self.candidates: list = []  # (rho, s): the best iterate at the end of each level
 
     def point(self, s) -> _Point | None:
@@ -523,6 +524,13 @@ def anytime(
             out = candidate
         if not candidate.upper > raw * (1.0 + 1e-3):
             break
+    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
+        # no real progress: the start itself (exactly the layer-by-layer multipliers, without the margin) may
+        # certify a hair tighter, and `sequential` must never be tighter than this method
+        start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))
+        candidate = verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
+        if candidate.upper < out.upper:
+            out = candidate
     return out
 
 
@@ -584,6 +592,7 @@ def _descend(obj: _Objective, x, steps: int | None, deadline: float, tol: float)
     if pt is None:
         return 0, "start point outside the domain"
     obj.accept(pt)
+    obj.start_rho = pt.rho
     qn = _QuasiNewton(x.numel(), obj.kw)
     mu_rel = MU_START
     mu, eps = mu_rel * obj.best_rho, _barrier(mu_rel)
