@@ -288,6 +288,10 @@ def test_torch_module_export_and_onnx_export_give_the_same_bounds(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet_2b", "Convnet_maxpool", "cifar_base_kw"])
 def test_real_cnns_get_verified_naive_and_sequential_bounds(name):
+    """Measured on 2 shared cores: resnet_2b ([3072, 2048, 1536, 1024, 2048, 1024, 100, 10]) naive 1286.8 in
+    23 s, sequential 237.7 in about 5 min; Convnet_maxpool ([784, 9816, 9216, 4608, 2304, 1152, 10]) naive
+    129036 in about 30 min (the Jacobian search another 13); cifar_base_kw (a chain) naive 20.5, sequential
+    10.1 in under a minute each."""
     net = load_network(REALNETS / "cnn" / f"{name}.onnx")
     lower = lipsdp.estimate(net, "naive", lower=True, lower_samples=32, lower_steps=10)
     assert lower.verified and 0 < lower.lower <= lower.upper
