@@ -190,11 +190,19 @@ def run_isolated(
     # Ctrl-C is held back from fork until the parent is inside the try below, whose `finally` stops the
     # child: otherwise a KeyboardInterrupt right after fork would leave the child running.
     mask = _hold_sigint()
+    pid = -1
     try:
         with warnings.catch_warnings():  # Python 3.12+ warns about fork in a threaded process (docstring)
             warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
             pid = os.fork()
     except BaseException as exc:
+        # The mask holds SIGINT in this thread only: a Ctrl-C delivered to another thread (e.g. a progress
+        # bar's) still raises KeyboardInterrupt here, possibly after the fork; the child must not outlive it.
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(1)
+        if pid > 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(read_fd)
         os.close(write_fd)
         _release(mask)
