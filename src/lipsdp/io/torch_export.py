@@ -160,7 +160,14 @@ class _ExportChain:
                 break
             if node.op != "call_function":
                 raise UnsupportedLayerError(f"{self.source}: {_describe(node)} is not supported ({node.op})")
-            self.call(node)
+            self.visit(node)
+        return self.result()
+
+    def visit(self, node: Any) -> None:
+        """One call_function node (the graph walker overrides this)."""
+        self.call(node)
+
+    def result(self) -> Network:
         return self.builder.build()
 
     def finish(self, node: Any) -> None:
@@ -533,19 +540,7 @@ class _ExportGraph(_ExportChain):
         permutation = layout.output_permutation()
         return node if permutation is None else self.graph.affine(node, permutation, None, where)
 
-    def walk(self, program: Any) -> Network:
-        for node in program.graph.nodes:
-            if node.op == "placeholder":
-                continue
-            if node.op == "get_attr":
-                self.consts[node] = getattr(program.graph_module, node.target)
-                continue
-            if node.op == "output":
-                self.finish(node)
-                break
-            if node.op != "call_function":
-                raise UnsupportedLayerError(f"{self.source}: {_describe(node)} is not supported ({node.op})")
-            self.visit(node)
+    def result(self) -> Network:
         return to_network(self.graph)
 
     def finish(self, node: Any) -> None:
