@@ -250,8 +250,8 @@ def test_npz_unknown_activation(tmp_path):
 
 
 def test_mat_without_weights(tmp_path):
-    scipy.io.savemat(tmp_path / "x.mat", {"W": np.eye(2)})
-    with pytest.raises(ModelLoadError, match="no cell array named 'weights'"):
+    scipy.io.savemat(tmp_path / "x.mat", {"V": np.eye(2)})
+    with pytest.raises(ModelLoadError, match="no cell array named 'weights' or 'W'"):
         load_network(tmp_path / "x.mat")
 
 

@@ -72,6 +72,68 @@ class Mixed(Activation):
         return mixed(self.base, np.flatnonzero(mask), int(mask.size))
 
 
+@dataclass(frozen=True)
+class Reflect(Activation):
+    """A hidden layer whose neurons `flip` (sorted indices) apply |x| and whose others pass x through, every
+    neuron declared slope-restricted in [-1, 1]; the layer has `size` neurons.
+
+    The norm-preserving activations lower to this (`lipsdp.graph`): MaxMin(a, b) = ((a + b) + |a - b|) / 2,
+    ((a + b) - |a - b|) / 2, so a pair needs one identity neuron for a + b and one |.| neuron for a - b; a
+    Householder reflection, GroupSort's comparators likewise. Proof obligation: |.| and the identity both
+    satisfy -1 <= (phi(a) - phi(b)) / (a - b) <= 1, so [-1, 1] is a valid slope bound for each neuron.
+    Why [-1, 1] and not [1, 1] for the identity neurons: the [1, 1] constraint, -(s - t)^2 >= 0, reaches
+    the exact constant of a norm-preserving layer only as its multiplier grows without bound, while the
+    [-1, 1] constraint t^2 - s^2 >= 0 holds it with a finite one. With every neuron in [-1, 1] the LMI of
+    such a layer is LipSDP-NSR's (Pauli et al., ICLR 2024): in the rotated coordinates (a + b, a - b) their
+    MaxMin multiplier lambda_1 I + lambda_2 11' is diagonal, one entry per neuron. Build one with
+    `reflect(flip, size)`.
+    """
+
+    flip: tuple[int, ...] = ()
+    size: int = 0
+
+    def label(self) -> str:
+        return self.name
+
+    def slope_vectors(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n != self.size:
+            raise InvalidNetworkError(f"a {self.name} activation of {self.size} neurons is given a layer of {n}")
+        return np.full(n, -1.0), np.full(n, 1.0)
+
+    def mask(self) -> np.ndarray:
+        """Boolean mask of the |.| neurons."""
+        out = np.zeros(self.size, dtype=bool)
+        out[list(self.flip)] = True
+        return out
+
+    def select(self, keep: np.ndarray) -> Activation:
+        """The activation of the neurons `keep` (a boolean mask or increasing indices) of this layer."""
+        mask = self.mask()[np.asarray(keep)]
+        return reflect(np.flatnonzero(mask), int(mask.size))
+
+
+def reflect(flip, size: int) -> Reflect:
+    """|x| on the neurons `flip` (indices) of a layer of `size`, the identity on the others, all in [-1, 1]."""
+    idx = tuple(sorted({int(i) for i in np.asarray(flip, dtype=np.int64).reshape(-1)}))
+    if idx and (idx[0] < 0 or idx[-1] >= size):
+        raise InvalidNetworkError(f"reflected neuron indices must lie in 0..{size - 1}")
+    return Reflect("reflect", -1.0, 1.0, None, idx, int(size))
+
+
+@dataclass(frozen=True)
+class GroupSort(Activation):
+    """Sorting within groups of `group` consecutive neurons (not elementwise): `maxmin` is group 2 in
+    descending order, (a, b) -> (max, min); `groupsort:g` sorts each group ascending (torch.sort's order).
+
+    It is 1-Lipschitz (a permutation on each linear piece) and is not a per-neuron activation, so a chain
+    `Network` cannot hold it: the loaders build a `lipsdp.graph.Graph` and lower it (to `Reflect` layers)."""
+
+    descending: bool = False
+
+    def label(self) -> str:
+        return "maxmin" if self.descending and self.param == 2 else f"groupsort({self.param:g})"
+
+
 def mixed(base: Activation, identity, size: int) -> Activation:
     """`base` on every neuron of a layer of `size` except the pass-through neurons `identity` (indices).
 
@@ -89,11 +151,18 @@ def mixed(base: Activation, identity, size: int) -> Activation:
 
 
 def select_neurons(act: Activation, keep: np.ndarray) -> Activation:
-    """The activation of the kept neurons of a layer (only a `Mixed` layer depends on which are kept)."""
-    return act.select(keep) if isinstance(act, Mixed) else act
+    """The activation of the kept neurons of a layer (`Mixed` and `Reflect` layers depend on which)."""
+    return act.select(keep) if isinstance(act, (Mixed, Reflect)) else act
 
 
-SUPPORTED = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "softplus", "identity")
+def neuron_mask(act: Activation) -> np.ndarray | None:
+    """The neurons of a layer that do not apply its base activation: a `Mixed` layer's pass-through
+    neurons, a `Reflect` layer's |.| neurons; None for a plain activation."""
+    return act.mask() if isinstance(act, (Mixed, Reflect)) else None
+
+
+SUPPORTED = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "softplus", "identity", "abs", "maxmin",
+             "groupsort")
 
 
 def activation(name: str, param: float | None = None) -> Activation:
@@ -117,6 +186,15 @@ def activation(name: str, param: float | None = None) -> Activation:
         return Activation("softplus", 0.0, 1.0)
     if key == "identity":
         return Activation("identity", 1.0, 1.0)
+    if key == "abs":
+        return Activation("abs", -1.0, 1.0)
+    if key == "maxmin":
+        return GroupSort("groupsort", -1.0, 1.0, 2.0, True)
+    if key == "groupsort":
+        size = 2.0 if param is None else float(param)
+        if size != int(size) or size < 2:
+            raise InvalidNetworkError(f"groupsort needs a group size >= 2 as 'groupsort:4', got {param}")
+        return GroupSort("groupsort", -1.0, 1.0, size, False)
     if key == "leaky_relu":
         slope = 0.01 if param is None else float(param)
         if not 0.0 <= slope <= 1.0:
@@ -130,5 +208,5 @@ def activation(name: str, param: float | None = None) -> Activation:
         return Activation("elu", 0.0, max(1.0, scale), scale)
     raise InvalidNetworkError(
         f"unknown activation '{name}'; supported: {', '.join(SUPPORTED)} "
-        "(leaky_relu and elu take a parameter as 'leaky_relu:0.1')"
+        "(leaky_relu and elu take a parameter as 'leaky_relu:0.1', groupsort its group size as 'groupsort:4')"
     )

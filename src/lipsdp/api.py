@@ -151,6 +151,7 @@ def estimate(
     input_shape  (C, H, W) of one sample, for torch models with convolutions
     nnet_units   for .nnet files: 'normalized' (default, the file's network) or 'raw' (the bound in the
              units of the raw inputs and outputs: the file's normalisation folded into the weights)
+    activation   the hidden activation of .npz / .mat files that do not record one ('maxmin', ...)
     """
     start = time.perf_counter()
     get_method(method)  # fail fast on unknown names
@@ -158,7 +159,7 @@ def estimate(
         raise LipSDPError(f"workers must be a positive integer, got {workers!r}")
     if dask is not None and executor is None:
         executor = dask_executor(dask)
-    loader_opts = {k: options.pop(k) for k in ("input_shape", "nnet_units") if k in options}
+    loader_opts = {k: options.pop(k) for k in ("input_shape", "nnet_units", "activation") if k in options}
     net = load_network(model, **loader_opts)
     user_net = net
     method_opts = dict(options, solver=solver, seed=seed)

@@ -163,6 +163,10 @@ def estimate(
     ] = None,
     budget: Annotated[float | None, typer.Option(help="time budget in seconds (method anytime)")] = None,
     dask: Annotated[str | None, typer.Option(help="address of a Dask scheduler to run on")] = None,
+    activation: Annotated[
+        str | None,
+        typer.Option(help="hidden activation of .npz/.mat files that do not record it (e.g. maxmin, groupsort:4)"),
+    ] = None,
     certificate: Annotated[
         Path | None,
         typer.Option(
@@ -181,6 +185,8 @@ def estimate(
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     options = {"budget": budget} if budget is not None else {}
+    if activation is not None:
+        options["activation"] = activation
     done: dict[int, object] = {}
     failed: list[int] = []
     show_progress = len(paths) > 1 and not as_json and console.is_terminal
@@ -259,6 +265,10 @@ def verify(
     model: Annotated[Path, typer.Argument(help="the model file (.npz, .mat, .onnx) the certificate is about")],
     prec: Annotated[int, typer.Option(help="bits of the ball arithmetic")] = 128,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of one line")] = False,
+    activation: Annotated[
+        str | None,
+        typer.Option(help="hidden activation of .npz/.mat files that do not record it (e.g. maxmin, groupsort:4)"),
+    ] = None,
 ) -> None:
     """Re-prove a certificate's bound independently (interval arithmetic); exit code 1 if it is rejected."""
     from dataclasses import asdict
@@ -266,7 +276,7 @@ def verify(
     from lipsdp.verify import verify as run_verify
 
     try:
-        verdict = run_verify(cert, model, prec=prec)
+        verdict = run_verify(cert, model, prec=prec, **({} if activation is None else {"activation": activation}))
     except LipSDPError as exc:
         _fail(str(exc))
     if as_json:
@@ -415,6 +425,10 @@ def compare(
     seed: Annotated[int, typer.Option(help="random seed for the lower bound")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="save a bar chart to this PNG file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    activation: Annotated[
+        str | None,
+        typer.Option(help="hidden activation of .npz/.mat files that do not record it (e.g. maxmin, groupsort:4)"),
+    ] = None,
 ) -> None:
     """Run the bounding tiers on one model: verified upper, lower, ratio, seconds, peak memory."""
     from lipsdp.compare import DEFAULT_TIERS, plot_comparison
@@ -424,7 +438,7 @@ def compare(
     try:
         with console.status("bounding...") as status:
             rows, lower_value = run_compare(
-                path, tiers, budget=budget, seed=seed,
+                path, tiers, budget=budget, seed=seed, **({} if activation is None else {"activation": activation}),
                 on_done=lambda row: status.update(f"{row.result.method} done; running the next tier..."),
             )
     except LipSDPError as exc:

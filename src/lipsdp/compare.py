@@ -34,7 +34,7 @@ def compare(
     **options: Any,
 ) -> tuple[list[Comparison], float]:
     """Bound `model` with each method; returns the rows and the lower bound they share."""
-    net = load_network(model, **{k: options.pop(k) for k in ("input_shape",) if k in options})
+    net = load_network(model, **{k: options.pop(k) for k in ("input_shape", "activation") if k in options})
     lower = lower_bound(net, samples=lower_samples, steps=lower_steps, seed=seed).value
     rows = []
     for method in methods:

@@ -13,7 +13,12 @@ A `Graph` is a list of nodes in topological order, each computing one flat float
 - ``add``       the sum of several inputs of one size (residual connections);
 - ``concat``    the concatenation of several inputs;
 - ``maxpool``   out_i = max_j v[windows[i, j]] over the window entries >= 0 (windows may overlap, and may
-                have fewer entries than others: -1 marks an absent entry, e.g. -inf padding).
+                have fewer entries than others: -1 marks an absent entry, e.g. -inf padding);
+- ``groupsort`` the values of each group (a row of `windows`: disjoint positions, all of one size g) sorted
+                in place, ascending or descending along the row; other entries unchanged. MaxMin is g = 2,
+                descending: (a, b) -> (max(a, b), min(a, b));
+- ``householder`` per group z (a row of `windows`) with vector v (a row of `vectors`): z if v'z >= 0, else
+                the reflection z - 2 (v'z / v'v) v (Singla et al.'s Householder activation); others unchanged.
 
 `Graph.forward` evaluates the DAG directly (the reference the tests compare the lowering with).
 
@@ -40,6 +45,13 @@ neurons of one layer L of the chain (layer 0 is the input):
 - max(a, b) = b + relu(a - b) exactly: one relu neuron for a - b and one pass-through neuron for b, and
   the sum folds into the next affine map. A window of k entries takes ceil(log2 k) such levels (a knockout
   tournament; max is associative). Overlapping windows each get their own neurons;
+- the norm-preserving operations become `Reflect` layers (|.| on some neurons, the identity on the others,
+  all declared slope-restricted in [-1, 1]; see `lipsdp.activations.Reflect` for why [-1, 1]): a
+  comparator (a, b) -> (max, min) is ((s + |d|) / 2, (s - |d|) / 2) with s = a + b, d = a - b, so one
+  identity and one |.| neuron (coefficients 1, -1, 1/2: exact in binary). GroupSort of g > 2 is a
+  sorting network of such comparators, one layer per round: Batcher's bitonic sorter for g a power of two
+  (every round pairs every entry), else odd-even transposition (g rounds; Knuth, TAOCP 5.3.4). A Householder group is z - (v'z - |v'z|) v / v'v: g identity neurons and one |.|
+  neuron. Entries outside the groups are identity neurons of the same layer;
 - MaxPool(phi(z)) = phi(MaxPool(z)) for every non-decreasing phi, and every lipsdp activation is
   non-decreasing (alpha >= 0), so an activation whose only reader is a max pool is moved after it: the
   tournament then runs on the pre-activations and phi is applied to the pooled values only (far fewer
@@ -49,8 +61,8 @@ neurons of one layer L of the chain (layer 0 is the input):
 
 Why every bound is sound: the lowered chain computes the graph's function (the identities above are exact
 in real arithmetic; the weights are the float64 products), and each of its hidden neurons is either an
-activation of the graph with that activation's slope bounds, a relu with [0, 1], or the identity with
-[1, 1], which it is. A bound on the chain's Lipschitz constant is therefore a bound on the graph's. Nothing
+activation of the graph with that activation's slope bounds, a relu with [0, 1], the identity with
+[1, 1] or [-1, 1], or |.| with [-1, 1], which it is. A bound on the chain's Lipschitz constant is therefore a bound on the graph's. Nothing
 else is assumed: the methods see an ordinary `Network`.
 """
 
@@ -61,11 +73,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lipsdp.activations import Activation, Mixed, activation, mixed
+from lipsdp.activations import Activation, GroupSort, Mixed, activation, mixed, reflect
 from lipsdp.errors import InvalidNetworkError
 from lipsdp.network import Network, apply_activation
 
-OPS = ("input", "const", "affine", "act", "add", "concat", "maxpool")
+OPS = ("input", "const", "affine", "act", "add", "concat", "maxpool", "groupsort", "householder")
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,7 +91,10 @@ class Node:
     weight: np.ndarray | None = field(default=None, repr=False)  # affine: (size, n_in), or 1-D diagonal
     bias: np.ndarray | None = field(default=None, repr=False)  # affine, const
     activation: Activation | None = None  # act
-    windows: np.ndarray | None = field(default=None, repr=False)  # maxpool: (size, k) input indices, -1 absent
+    windows: np.ndarray | None = field(default=None, repr=False)  # maxpool: (size, k) input indices, -1 absent;
+    # groupsort, householder: (groups, g) disjoint input positions
+    descending: bool = False  # groupsort
+    vectors: np.ndarray | None = field(default=None, repr=False)  # householder: (groups, g)
 
 
 class Graph:
@@ -131,7 +146,9 @@ class Graph:
     def activation(self, src: int, act: Activation | str, where: str = "") -> int:
         (src,) = self._check([src], where)
         act = activation(act) if isinstance(act, str) else act
-        if isinstance(act, Mixed):
+        if isinstance(act, GroupSort):
+            return self.groupsort(src, consecutive_groups(self.size(src), int(act.param), where), act.descending, where)
+        if isinstance(act, Mixed) or act.name == "reflect":
             raise InvalidNetworkError(f"{where}: a graph activation applies to every entry (not {act.name})")
         return self._push(Node("act", (src,), self.size(src), where, activation=act))
 
@@ -160,6 +177,32 @@ class Graph:
             )
         return self._push(Node("maxpool", (src,), win.shape[0], where, windows=win))
 
+    def _groups(self, src: int, windows: np.ndarray, where: str) -> np.ndarray:
+        win = np.asarray(windows)
+        if win.ndim != 2 or win.size == 0 or win.shape[1] < 2 or not np.issubdtype(win.dtype, np.integer):
+            raise InvalidNetworkError(f"{where}: groups must be a 2-D integer array (groups, size >= 2)")
+        win = win.astype(np.int64)
+        if np.any(win < 0) or np.any(win >= self.size(src)) or np.unique(win).size != win.size:
+            raise InvalidNetworkError(f"{where}: groups must be disjoint positions below {self.size(src)}")
+        return win
+
+    def groupsort(self, src: int, windows: np.ndarray, descending: bool = False, where: str = "") -> int:
+        """Sort the entries of each row of `windows` in place (MaxMin: pairs, descending)."""
+        (src,) = self._check([src], where)
+        win = self._groups(src, windows, where)
+        return self._push(Node("groupsort", (src,), self.size(src), where, windows=win, descending=bool(descending)))
+
+    def householder(self, src: int, windows: np.ndarray, vectors: np.ndarray, where: str = "") -> int:
+        """z -> z if v'z >= 0 else z - 2 (v'z / v'v) v on each group z (row of `windows`, vector row of `vectors`)."""
+        (src,) = self._check([src], where)
+        win = self._groups(src, windows, where)
+        vec = np.asarray(vectors, dtype=np.float64)
+        if vec.ndim == 1:
+            vec = np.broadcast_to(vec, win.shape).copy()
+        if vec.shape != win.shape or not np.all(np.isfinite(vec)) or np.any(np.sum(vec * vec, axis=1) == 0):
+            raise InvalidNetworkError(f"{where}: Householder vectors must be finite, nonzero, one per group")
+        return self._push(Node("householder", (src,), self.size(src), where, windows=win, vectors=vec))
+
     # -- evaluation ---------------------------------------------------------------------------------
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Evaluate the DAG node by node on inputs of shape (n_0,) or (batch, n_0)."""
@@ -180,11 +223,61 @@ class Graph:
                 values[i] = sum(values[s] for s in node.inputs)
             elif node.op == "concat":
                 values[i] = np.concatenate([values[s] for s in node.inputs], axis=-1)
-            else:  # maxpool
+            elif node.op == "maxpool":
                 v = values[node.inputs[0]]
                 gathered = np.where(node.windows >= 0, v[..., np.maximum(node.windows, 0)], -np.inf)
                 values[i] = gathered.max(axis=-1)
+            elif node.op == "groupsort":
+                out = np.array(values[node.inputs[0]], dtype=np.float64)
+                ordered = np.sort(out[..., node.windows], axis=-1)
+                out[..., node.windows] = ordered[..., ::-1] if node.descending else ordered
+                values[i] = out
+            else:  # householder
+                out = np.array(values[node.inputs[0]], dtype=np.float64)
+                z = out[..., node.windows]
+                c = np.sum(z * node.vectors, axis=-1, keepdims=True)
+                out[..., node.windows] = z - 2.0 * np.minimum(c, 0.0) * node.vectors / np.sum(node.vectors**2, axis=1)[:, None]
+                values[i] = out
         return np.asarray(values[self.output], dtype=np.float64)
+
+
+def consecutive_groups(size: int, group: int, where: str = "") -> np.ndarray:
+    """The rows (0..g-1), (g..2g-1), ...: GroupSort's groups of a layer of `size` (a multiple of g)."""
+    if size % group:
+        raise InvalidNetworkError(f"{where}: groups of {group} do not divide a layer of {size} neurons")
+    return np.arange(size, dtype=np.int64).reshape(-1, group)
+
+
+def _comparator_rounds(windows: np.ndarray, descending: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A sorting network for each row of `windows`: per round, the positions (low, high) compared; after
+    the comparator, low holds the min and high the max. For g a power of two, Batcher's bitonic sorter
+    (log2 g (log2 g + 1) / 2 rounds, each pairing every entry, so every round is the same rotation and
+    the layer norms stay 1); otherwise the odd-even transposition network (g rounds)."""
+    g = windows.shape[1]
+    rounds = []
+    if g & (g - 1) == 0:
+        i = np.arange(g)
+        k = 2
+        while k <= g:
+            j = k // 2
+            while j >= 1:
+                partner = i ^ j
+                first = i[partner > i]
+                second = first ^ j
+                up = (first & k) == 0  # this comparator sorts its pair ascending
+                if descending:
+                    up = ~up
+                low = np.where(up, first, second)
+                high = np.where(up, second, first)
+                rounds.append((windows[:, low].reshape(-1), windows[:, high].reshape(-1)))
+                j //= 2
+            k *= 2
+        return rounds
+    for r in range(g):
+        first = np.arange(r % 2, g - 1, 2)
+        low, high = (first + 1, first) if descending else (first, first + 1)
+        rounds.append((windows[:, low].reshape(-1), windows[:, high].reshape(-1)))
+    return rounds
 
 
 # -- the lowering ---------------------------------------------------------------------------------------
@@ -241,6 +334,7 @@ class _Block:
     start: int
     pre: _Expr
     passthrough: bool
+    flip: np.ndarray | None = None  # in a reflect layer: which rows apply |.|
 
 
 @dataclass
@@ -249,6 +343,9 @@ class _Layer:
     base: Activation | None = None
     blocks: list[_Block] = field(default_factory=list)
     carried: dict[int, int] = field(default_factory=dict)  # neuron j of the layer before -> its pass-through here
+
+
+_REFLECT = Activation("reflect", -1.0, 1.0)  # the base of a reflect layer while it is built
 
 
 class _Lowering:
@@ -291,6 +388,58 @@ class _Lowering:
         while e.level < level:
             e = self.step(e)
         return e
+
+    def reflect(self, e: _Expr, a: np.ndarray, flip: np.ndarray, b: np.ndarray) -> _Expr:
+        """B phi(A e) with phi = |.| on the rows `flip` of A e and the identity on the others: the values of
+        a norm-preserving operation (a `Reflect` layer, its own layer of the chain)."""
+        pre = self.affine(e, a, np.zeros(a.shape[0]))
+        level = pre.level + 1
+        while level < len(self.layers) and self.layers[level].base not in (None, _REFLECT):
+            level += 1
+        pre = self.carry(pre, level - 1)
+        layer = self.layer(level)
+        layer.base = _REFLECT
+        rows = self.neurons(level, pre, False)
+        layer.blocks[-1].flip = np.asarray(flip, dtype=bool)
+        return self.affine(_Expr(level, rows, None, np.zeros(rows.size)), b, np.zeros(b.shape[0]))
+
+    def groupsort(self, e: _Expr, windows: np.ndarray, descending: bool) -> _Expr:
+        """Rounds of comparators (module docstring): pairs (s, d) = (a + b, a - b), the rest passed on."""
+        n = e.rows
+        for low, high in _comparator_rounds(windows, descending):
+            k = low.size
+            rest = np.setdiff1d(np.arange(n), np.concatenate([low, high]))
+            a = np.zeros((2 * k + rest.size, n))
+            pair = np.arange(k)
+            a[pair, low] = a[pair, high] = 1.0  # s
+            a[k + pair, low], a[k + pair, high] = 1.0, -1.0  # d
+            a[2 * k + np.arange(rest.size), rest] = 1.0
+            flip = np.zeros(a.shape[0], dtype=bool)
+            flip[k:2 * k] = True
+            b = np.zeros((n, a.shape[0]))
+            b[high, pair] = b[high, k + pair] = b[low, pair] = 0.5
+            b[low, k + pair] = -0.5
+            b[rest, 2 * k + np.arange(rest.size)] = 1.0
+            e = self.reflect(e, a, flip, b)
+        return e
+
+    def householder(self, e: _Expr, windows: np.ndarray, vectors: np.ndarray) -> _Expr:
+        """z - (v'z - |v'z|) v / v'v per group: the group's identity neurons and one |.| neuron v'z."""
+        n, (groups, g) = e.rows, windows.shape
+        rest = np.setdiff1d(np.arange(n), windows.reshape(-1))
+        a = np.zeros((n + groups, n))
+        a[np.arange(n), np.arange(n)] = 1.0
+        a[n + np.arange(groups)[:, None], windows] = vectors
+        flip = np.zeros(n + groups, dtype=bool)
+        flip[n:] = True
+        b = np.zeros((n, n + groups))
+        b[rest, rest] = 1.0
+        scaled = vectors / np.sum(vectors * vectors, axis=1)[:, None]  # v / v'v
+        for i in range(groups):
+            w = windows[i]
+            b[np.ix_(w, w)] = np.eye(g) - np.outer(scaled[i], vectors[i])
+            b[w, n + i] = scaled[i]
+        return self.reflect(e, a, flip, b)
 
     def activate(self, e: _Expr, act: Activation) -> _Expr:
         if act.name == "identity":
@@ -383,6 +532,10 @@ class _Lowering:
                     identity.append(rows)
             weights.append(w)
             biases.append(b)
+            if layer.base is _REFLECT:  # pass-through neurons of this layer: identity neurons in [-1, 1]
+                flips = [block.start + np.flatnonzero(block.flip) for block in layer.blocks if block.flip is not None]
+                acts.append(reflect(np.concatenate(flips) if flips else [], layer.size))
+                continue
             base = layer.base if layer.base is not None else activation("identity")
             acts.append(mixed(base, np.concatenate(identity) if identity else [], layer.size))
         w = np.zeros((out.rows, sizes[depth]))
@@ -433,6 +586,10 @@ def to_network(graph: Graph) -> Network:
             values[i] = low.activate(values[node.inputs[0]], node.activation)
         elif node.op in ("add", "concat"):
             values[i] = low.combine([values[s] for s in node.inputs], stack=node.op == "concat")
+        elif node.op == "groupsort":
+            values[i] = low.groupsort(values[node.inputs[0]], node.windows, node.descending)
+        elif node.op == "householder":
+            values[i] = low.householder(values[node.inputs[0]], node.windows, node.vectors)
         elif node.op == "maxpool":
             src = node.inputs[0]
             if src in fused:  # MaxPool(phi(z)) = phi(MaxPool(z))

@@ -131,8 +131,10 @@ def sequential_multipliers(net: Network) -> np.ndarray:
         k_mat = (d[:, None] * w) @ sla.cho_solve(chol, (w * d[:, None]).T, check_finite=False)
         lam = float(sla.eigvalsh(0.5 * (k_mat + k_mat.T), subset_by_index=[k_mat.shape[0] - 1] * 2)[0])
         tau = 1.0 / lam if lam > 1e-300 else 1.0
+        cap = _tau_cap(chol, w, ab)
+        tau = min(tau, 0.5 * cap)
         if np.any(ab != 0):
-            tau = _best_tau(x, w, d, ab, tau)
+            tau = _best_tau(x, w, d, ab, tau, cap)
         x_next = _next_quadratic_form(x, w, d, ab, tau)
         taus.append(np.full(w.shape[0], tau))
         x = 0.5 * (x_next + x_next.T)
@@ -152,8 +154,20 @@ def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.nda
     return 2.0 * tau * np.eye(w.shape[0]) - tau * tau * (dw @ np.linalg.solve(p, dw.T))
 
 
-def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0: float) -> float:
-    """Maximise lambda_min of the next quadratic form over tau (1-D search on log tau)."""
+def _tau_cap(chol, w: np.ndarray, ab: np.ndarray) -> float:
+    """The largest tau keeping X + tau W' diag(ab) W positive definite (inf unless some a b < 0, e.g. the
+    slopes [-1, 1] of |.|, where the layer's own block X - 2 tau W'W must stay definite)."""
+    c = np.maximum(-ab, 0.0)
+    if not np.any(c > 0):
+        return np.inf
+    cw = np.sqrt(c)[:, None] * w
+    k_mat = cw @ sla.cho_solve(chol, cw.T, check_finite=False)
+    lam = float(sla.eigvalsh(0.5 * (k_mat + k_mat.T), subset_by_index=[k_mat.shape[0] - 1] * 2)[0])
+    return 1.0 / lam if lam > 1e-300 else np.inf
+
+
+def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0: float, cap: float = np.inf) -> float:
+    """Maximise lambda_min of the next quadratic form over tau < cap (1-D search on log tau)."""
     from scipy.optimize import minimize_scalar
 
     def negative_min_eig(log_tau: float) -> float:
@@ -161,7 +175,8 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
         return -float(sla.eigvalsh(0.5 * (xn + xn.T), subset_by_index=[0, 0])[0])
 
     centre = np.log(tau0)
-    res = minimize_scalar(negative_min_eig, bounds=(centre - 3.0, centre + 6.0), method="bounded")
+    top = min(centre + 6.0, np.log(cap) + np.log1p(-1e-7)) if np.isfinite(cap) else centre + 6.0
+    res = minimize_scalar(negative_min_eig, bounds=(min(centre - 3.0, top - 1.0), top), method="bounded")
     best = float(np.exp(res.x))
     return best if negative_min_eig(res.x) <= negative_min_eig(centre) else tau0
 

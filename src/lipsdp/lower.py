@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipsdp.activations import Mixed
+from lipsdp.activations import Mixed, Reflect
 from lipsdp.network import Network, activation_parts
 
 
@@ -45,6 +45,9 @@ def _torch_activation(name: str, param: float | None, h, smooth: float | None):
         return F.elu(h, alpha=param)
     if name == "identity":
         return h
+    if name == "abs":
+        # smoothed: softplus(x) + softplus(-x) = |x| + (2 / smooth) log(1 + e^(-smooth |x|)), slope tanh(smooth x / 2)
+        return F.softplus(h, beta=smooth) + F.softplus(-h, beta=smooth) if smooth else torch.abs(h)
     raise ValueError(f"no torch implementation for activation {name}")
 
 
@@ -53,9 +56,11 @@ def _forward_fn(net: Network, smooth: float | None):
 
     ws = [torch.from_numpy(w) for w in net.weights]
     bs = [torch.from_numpy(b) for b in net.biases]
-    acts = [activation_parts(a.base if isinstance(a, Mixed) else a) for a in net.activations]  # parts in order
-    # Pass-through neurons of Mixed layers keep their pre-activation.
+    acts = [[] if isinstance(a, Reflect) else activation_parts(a.base if isinstance(a, Mixed) else a)
+            for a in net.activations]  # parts in order
+    # Pass-through neurons of Mixed layers keep their pre-activation; a Reflect layer's |.| neurons are flipped.
     passing = [torch.from_numpy(a.mask()) if isinstance(a, Mixed) else None for a in net.activations]
+    flipping = [torch.from_numpy(a.mask()) if isinstance(a, Reflect) else None for a in net.activations]
 
     def f(x):
         h = x
@@ -67,6 +72,8 @@ def _forward_fn(net: Network, smooth: float | None):
                     h = _torch_activation(part.name, part.param, h, smooth)
                 if passing[k] is not None:
                     h = torch.where(passing[k], pre, h)
+                if flipping[k] is not None:
+                    h = torch.where(flipping[k], _torch_activation("abs", None, h, smooth), h)
         return h
 
     return f
@@ -111,7 +118,8 @@ def lower_bound(
     torch.manual_seed(seed)
     x = torch.tensor(x0[top], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([x], lr=0.05 * float(np.mean(np.abs(x0)) + 1e-3))
-    piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu") for a in net.activations)
+    piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu", "abs", "reflect")
+                    for a in net.activations)
     for step in range(steps):
         sharpness = 5.0 * (200.0 / 5.0) ** (step / max(steps - 1, 1)) if piecewise else None
         f = _forward_fn(net, sharpness)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from lipsdp.activations import Activation, Mixed, activation
+from lipsdp.activations import Activation, GroupSort, Mixed, Reflect, activation
 from lipsdp.errors import InvalidNetworkError
 
 
@@ -53,6 +53,12 @@ class Network:
                 f"{len(weights)} weight matrices need {hidden} hidden-layer activations, got {len(activations)}"
             )
         acts = tuple(a if isinstance(a, Activation) else activation(a) for a in activations)
+        for k, act in enumerate(acts):
+            if isinstance(act, GroupSort):
+                raise InvalidNetworkError(
+                    f"hidden layer {k + 1}: {act.label()} is not elementwise; a chain holds it only lowered, "
+                    "through lipsdp.graph (the file loaders do this; in code: lipsdp.io.chain.build_from_arrays)"
+                )
         if biases is None:
             biases = [None] * len(weights)
         if len(biases) != len(weights):
@@ -191,6 +197,11 @@ def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
         out = np.array(apply_activation(act.base, h), dtype=np.float64)
         out[..., list(act.identity)] = h[..., list(act.identity)]
         return out
+    if isinstance(act, Reflect):
+        h = np.asarray(h)
+        if h.shape[-1] != act.size:
+            raise InvalidNetworkError(f"a {act.name} layer of {act.size} neurons is applied to {h.shape[-1]} values")
+        return np.where(act.mask(), np.abs(h), h)
     if "+" in act.name:
         for part in activation_parts(act):
             h = apply_activation(part, h)
@@ -205,6 +216,8 @@ def apply_activation(act: Activation, h: np.ndarray) -> np.ndarray:
         return np.logaddexp(0.0, h)
     if act.name == "identity":
         return h
+    if act.name == "abs":
+        return np.abs(h)
     if act.name == "leaky_relu":
         return np.where(h >= 0, h, act.param * h)
     if act.name == "elu":

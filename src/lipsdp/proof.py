@@ -158,6 +158,9 @@ def network_sha256(net: Any) -> str:
         identity = getattr(act, "identity", None)  # a Mixed layer's pass-through neurons
         if identity is not None:
             h.update(b"passthrough\0" + np.asarray(identity, dtype="<i8").tobytes())
+        flip = getattr(act, "flip", None)  # a Reflect layer's |.| neurons
+        if flip is not None:
+            h.update(b"flip\0" + np.asarray(flip, dtype="<i8").tobytes())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lipsdp.activations import Mixed, select_neurons
+from lipsdp.activations import Mixed, Reflect, neuron_mask, select_neurons
 from lipsdp.errors import InvalidNetworkError, LipSDPError
 from lipsdp.network import Network, apply_activation
 
@@ -192,8 +192,14 @@ def pre_activation_bounds(net: Network, region: Region) -> list[tuple[np.ndarray
                 f"hidden layer {k + 1} has the composed activation {act.name}; local bounds need the activation "
                 "functions themselves (remove one of the two consecutive activations)"
             )
-        # Every supported activation is monotone non-decreasing, so the image of [l, u] is [phi(l), phi(u)].
+        # Every supported activation but |.| is monotone non-decreasing: the image of [l, u] is
+        # [phi(l), phi(u)]; |.| maps it to [0, max(-l, u)] when l < 0 < u, else to its ends' magnitudes.
         out_lo, out_hi = _outward(apply_activation(act, lo), apply_activation(act, hi))
+        flip = neuron_mask(act) if isinstance(act, Reflect) else np.full(lo.shape, act.name == "abs")
+        if np.any(flip):
+            mag_lo = np.where((lo < 0) & (hi > 0), 0.0, np.minimum(np.abs(lo), np.abs(hi)))
+            out_lo = np.where(flip, mag_lo, out_lo)
+            out_hi = np.where(flip, np.maximum(np.abs(lo), np.abs(hi)), out_hi)
         if k + 1 < net.depth:
             w, b = net.weights[k + 1], net.biases[k + 1]
             mid = 0.5 * (out_lo + out_hi)
@@ -216,6 +222,8 @@ def slope_range(name: str, param: float | None, lo: np.ndarray, hi: np.ndarray) 
         return np.where(lo >= 0, 1.0, param), np.where(hi > 0, 1.0, param)
     if name == "identity":
         return np.ones_like(lo), np.ones_like(lo)
+    if name == "abs":
+        return np.where(hi <= 0, -1.0, np.where(lo >= 0, 1.0, -1.0)), np.where(lo >= 0, 1.0, np.where(hi <= 0, -1.0, 1.0))
     if name in ("tanh", "sigmoid"):
         # Both derivatives are even and decreasing in |x|: extremes at the ends, peak at 0 if inside.
         scale, factor = (1.0, 1.0) if name == "tanh" else (0.5, 0.25)
@@ -266,9 +274,15 @@ def localize(net: Network, region: Region) -> LocalNetwork:
     fixed = tightened = 0
     for k, (lo, hi) in enumerate(bounds):
         act = net.activations[k]
+        if isinstance(act, Reflect):
+            # kept at the declared [-1, 1]: narrowing the identity neurons to [1, 1] would trade the
+            # constraint that makes norm-preserving layers exact (see Reflect) for a weaker one
+            alphas.append(net.alphas[k])
+            betas.append(net.betas[k])
+            continue
         base = act.base if isinstance(act, Mixed) else act
         a, b = slope_range(base.name, base.param, lo, hi)
-        if base.name not in ("relu", "leaky_relu", "identity"):
+        if base.name not in ("relu", "leaky_relu", "identity", "abs"):
             # Round the smooth cases outward; the piecewise-linear values 0, 1, param are exact.
             a, b = a * (1.0 - 1e-12), b * (1.0 + 1e-12) + _TINY
         if isinstance(act, Mixed):  # pass-through neurons: the identity, slope exactly 1

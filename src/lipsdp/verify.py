@@ -30,9 +30,11 @@ The mathematics relied on
 3. Slopes: the secant slope of phi between two points is a mean of phi' over the segment, so it lies in
    [min phi', max phi'] over any interval containing both; relu, leaky_relu, elu, tanh, sigmoid,
    softplus and identity are monotone and their derivatives' extremes are at the ends of an interval (or
-   at 0 for tanh and sigmoid). Local slopes come from interval propagation over the region, in arb. A
-   layer 'base|identity' (a lowered graph) applies base except on its pass-through neurons, which are the
-   identity (slope exactly 1).
+   at 0 for tanh and sigmoid); |x| has secant slopes in [-1, 1] (||x| - |y|| <= |x - y|), exactly 1 or -1
+   on an interval of one sign, and its image of [l, u] is [0, max(-l, u)] when l < 0 < u. Local slopes
+   come from interval propagation over the region, in arb. A layer 'base|identity' (a lowered graph)
+   applies base except on its pass-through neurons, which are the identity (slope exactly 1); a layer
+   'reflect' applies |.| on its neurons `flip` and the identity on the others.
 4. Every proof kind bounds *every* network with the given weights and per-neuron slope ranges; the
    checker never uses an activation function itself after the slope ranges are found. Hence layer
    scaling: with s_k = 2^(e_0 + ... + e_(k-1)) and x~_k = s_k x_k, s_(l+1) f is the network with weights
@@ -195,6 +197,8 @@ def _global_range(name: str, param: float | None) -> tuple[Any, Any]:
         return arb(0), arb(0.25)
     if name == "identity":
         return arb(1), arb(1)
+    if name == "abs":  # |x| - |y| lies between -(x - y) and x - y
+        return arb(-1), arb(1)
     if name == "leaky_relu":
         p = arb(0.01 if param is None else param)
         return (p, arb(1)) if p < 1 else (arb(1), p)
@@ -235,6 +239,8 @@ def _phi(name: str, param: float | None, x):
         return x if x >= 0 else arb(p) * x
     if name == "identity":
         return x
+    if name == "abs":
+        return abs(x)
     if name == "tanh":
         return x.tanh()
     if name == "sigmoid":
@@ -252,6 +258,8 @@ def _local_range(name: str, param: float | None, lo, hi) -> tuple[Any, Any]:
     arb = _flint().arb
     if name == "identity":
         return arb(1), arb(1)
+    if name == "abs":
+        return (arb(1), arb(1)) if lo >= 0 else (arb(-1), arb(-1)) if hi <= 0 else (arb(-1), arb(1))
     if name in ("relu", "leaky_relu"):
         p = arb(0) if name == "relu" else arb(0.01 if param is None else param)
         if hi <= 0:
@@ -301,16 +309,41 @@ class _State:
         return [w.nrows() for w in self.weights[:-1]]
 
 
-def _layer_parts(act: Any, n: int) -> tuple[Any, set[int]]:
-    """The activation of a hidden layer's neurons and the set of its pass-through (identity) neurons: a
-    layer named 'base|identity' applies `act.base` except on the neurons `act.identity`."""
+def _layer_parts(act: Any, n: int) -> tuple[Any, set[int], set[int]]:
+    """The activation of a hidden layer's neurons, the set of its pass-through (identity) neurons and the
+    set of its |.| neurons: a layer named 'base|identity' applies `act.base` except on the neurons
+    `act.identity`; a layer named 'reflect' applies |.| on `act.flip` and the identity elsewhere."""
+    if act.name == "reflect":
+        flip = {int(i) for i in getattr(act, "flip", ())}
+        if getattr(act, "size", None) != n or any(not 0 <= i < n for i in flip):
+            raise _Reject(f"the layer '{act.name}' does not describe its {n} neurons")
+        return _IDENTITY, set(), flip
     identity = getattr(act, "identity", None)
     if identity is None:
-        return act, set()
+        return act, set(), set()
     passing = {int(i) for i in identity}
     if getattr(act, "size", None) != n or any(not 0 <= i < n for i in passing) or getattr(act, "base", None) is None:
         raise _Reject(f"the layer '{act.name}' does not describe its {n} neurons")
-    return act.base, passing
+    return act.base, passing, set()
+
+
+@dataclass(frozen=True)
+class _Named:
+    name: str
+    param: float | None = None
+
+
+_IDENTITY = _Named("identity")
+
+
+def _abs_image(lo, hi) -> tuple[Any, Any]:
+    """Exact ends enclosing |x| over [lo, hi] (|.| is not monotone: 0 when the interval holds 0)."""
+    arb = _flint().arb
+    if lo >= 0:
+        return lo, hi
+    if hi <= 0:
+        return -hi, -lo
+    return arb(0), _max(-lo, hi)
 
 
 def _initial_state(net: Any) -> _State:
@@ -318,10 +351,10 @@ def _initial_state(net: Any) -> _State:
     lows, highs = [], []
     for k, act in enumerate(net.activations):
         n = net.weights[k].shape[0]
-        base, passing = _layer_parts(act, n)
+        base, passing, flipping = _layer_parts(act, n)
         lo, hi = _activation_range(base)
-        lows.append([arb(1) if i in passing else lo for i in range(n)])
-        highs.append([arb(1) if i in passing else hi for i in range(n)])
+        lows.append([arb(1) if i in passing else arb(-1) if i in flipping else lo for i in range(n)])
+        highs.append([arb(1) if i in passing or i in flipping else hi for i in range(n)])
     return _State([_mat(w) for w in net.weights], lows, highs)
 
 
@@ -355,13 +388,18 @@ def _region_ranges(net: Any, region: dict[str, Any]) -> list[tuple[list, list]]:
         out.append((lo, hi))
         if k + 1 == len(net.activations):
             break
-        base, passing = _layer_parts(net.activations[k], len(lo))
+        base, passing, flipping = _layer_parts(net.activations[k], len(lo))
         parts = _parts(base)
         if len(parts) != 1:
             raise _Reject("local bounds need plain activations (this layer composes two)")
         name, param = parts[0]
-        img_lo = [x if i in passing else _phi(name, param, x).lower() for i, x in enumerate(lo)]
-        img_hi = [x if i in passing else _phi(name, param, x).upper() for i, x in enumerate(hi)]
+        if name == "abs":
+            flipping = set(range(len(lo)))
+        # the other activations are monotone non-decreasing: the image of [l, u] is [phi(l), phi(u)]
+        img_lo = [x if i in passing else _abs_image(x, hi[i])[0] if i in flipping else _phi(name, param, x).lower()
+                  for i, x in enumerate(lo)]
+        img_hi = [x if i in passing else _abs_image(lo[i], x)[1] if i in flipping else _phi(name, param, x).upper()
+                  for i, x in enumerate(hi)]
         mid = _col([(a + b) / 2 for a, b in zip(img_lo, img_hi)])
         rad = _col([(b - a) / 2 for a, b in zip(img_lo, img_hi)])
         w = net.weights[k + 1]
@@ -382,13 +420,14 @@ def _min(a, b):
 def _localize(state: _State, net: Any, step: Step) -> _State:
     ranges = _region_ranges(net, step.region)
     for k, (lo, hi) in enumerate(ranges):
-        base, passing = _layer_parts(net.activations[k], len(lo))
+        base, passing, flipping = _layer_parts(net.activations[k], len(lo))
         parts = _parts(base)
         if len(parts) != 1:
             raise _Reject("local bounds need plain activations (a layer composes two)")
         name, param = parts[0]
         for i in range(len(lo)):
-            a, b = _local_range("identity" if i in passing else name, param, lo[i], hi[i])
+            which = "identity" if i in passing else "abs" if i in flipping else name
+            a, b = _local_range(which, param, lo[i], hi[i])
             state.lows[k][i] = _max(a, state.lows[k][i])
             state.highs[k][i] = _min(b, state.highs[k][i])
     keep = _check_keep(step.keep, state.hidden, "localize")

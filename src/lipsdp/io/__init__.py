@@ -21,6 +21,14 @@ def load_network(model: Any, **options: Any) -> Network:
     """Dispatch on the model's type (or file suffix) to the right loader."""
     if isinstance(model, Network):
         return model
+    activation = options.pop("activation", None)
+    if activation is not None and not (
+        isinstance(model, (str, Path)) and Path(model).suffix.lower() in (".npz", ".mat")
+    ):
+        raise ModelLoadError(
+            f"activation={activation!r} names the hidden activation of .npz and .mat weight files that do not "
+            "record it; other models carry their activations (leave it out)"
+        )
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not path.exists():
@@ -31,11 +39,12 @@ def load_network(model: Any, **options: Any) -> Network:
         if suffix == ".npz":
             from lipsdp.io.arrays import load_npz
 
-            return load_npz(path)
+            return load_npz(path, activation=activation)
         if suffix == ".mat":
             from lipsdp.io.arrays import load_mat
 
-            return run_isolated(load_mat, path, preload=("scipy.io",))  # scipy / HDF5 parse in C
+            # scipy / HDF5 parse in C
+            return run_isolated(load_mat, path, preload=("scipy.io",), activation=activation)
         if suffix in (".onnx", ".onnx.gz"):
             from lipsdp.io.onnx_model import load_onnx
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipsdp.activations import Mixed
+from lipsdp.activations import Mixed, Reflect
 from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.network import Network
 
@@ -58,8 +58,20 @@ def _check_npz_headers(path: Path) -> None:
         raise ModelLoadError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def load_npz(path: str | Path) -> Network:
-    """Read a `.npz` weight file. Never unpickles: object arrays are refused."""
+def _override(source: str, activations, override: str | None):
+    """`activation=` given by the caller: the hidden activation of a file that does not record one (the
+    MaxMin nets of Pauli et al. store only `W`). A file that names its activations must agree with it."""
+    if override is None:
+        return activations
+    if activations is not None and activations != override and activations != [override] * len(activations):
+        raise ModelLoadError(f"{source}: the file names its activations {activations}; --activation {override} "
+                             "disagrees (leave it out for this file)")
+    return override
+
+
+def load_npz(path: str | Path, activation: str | None = None) -> Network:
+    """Read a `.npz` weight file. Never unpickles: object arrays are refused. `activation` names the hidden
+    activation when the file does not (e.g. 'maxmin', 'groupsort:4'); default relu."""
     path = Path(path)
     if zipfile.is_zipfile(path):
         _check_npz_headers(path)
@@ -82,20 +94,47 @@ def load_npz(path: str | Path) -> Network:
                 if len(bkeys) != len(wkeys):
                     raise ModelLoadError(f"{path}: {len(wkeys)} weight arrays but {len(bkeys)} bias arrays")
                 biases = [data[k] for k in bkeys]
-            activations = "relu"
+            activations = None
             if "activations" in keys:
                 acts = data["activations"]
                 activations = [str(a) for a in np.atleast_1d(acts)]
                 if len(activations) == 1 and len(weights) > 2:
                     activations = activations[0]
+            activations = _override(str(path), activations, activation) or "relu"
             passthrough = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"passthrough(\d+)", k))}
             if passthrough:
                 activations = _with_passthrough(str(path), activations, passthrough, weights)
+            flips = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"flip(\d+)", k))}
+            if flips:
+                activations = _with_flips(str(path), activations, flips, weights)
         except ValueError as exc:  # e.g. object arrays that would need pickle
             raise ModelLoadError(f"{path}: unreadable array ({exc}); store plain numeric arrays") from None
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
             raise ModelLoadError(f"{path}: corrupt .npz archive ({exc})") from None
     return _build(str(path), weights, biases, activations)
+
+
+def _with_flips(source: str, activations, flips: dict[int, np.ndarray], weights) -> list:
+    """Hidden layers k named 'reflect' (a lowered norm-preserving layer) with `flip{k}`: their |.| neurons."""
+    from lipsdp.activations import reflect
+
+    hidden = len(weights) - 1
+    names = [activations] * hidden if isinstance(activations, str) else list(activations)
+    if len(names) != hidden:
+        return names  # Network.from_arrays reports the count
+    for k, idx in flips.items():
+        if not 0 <= k < hidden or names[k] != "reflect":
+            raise ModelLoadError(f"{source}: flip{k} belongs to a hidden layer named 'reflect'")
+        idx = np.asarray(idx)
+        if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != 1:
+            raise ModelLoadError(f"{source}: flip{k} must be a 1-D array of neuron indices")
+        try:
+            names[k] = reflect(idx, int(np.asarray(weights[k]).shape[0]))
+        except LipSDPError as exc:
+            raise type(exc)(f"{source}: flip{k}: {exc}") from None
+    if "reflect" in names:
+        raise ModelLoadError(f"{source}: a hidden layer named 'reflect' needs its array flip{names.index('reflect')}")
+    return names
 
 
 def _with_passthrough(source: str, activations, passthrough: dict[int, np.ndarray], weights) -> list:
@@ -124,8 +163,9 @@ def _with_passthrough(source: str, activations, passthrough: dict[int, np.ndarra
     return out
 
 
-def load_mat(path: str | Path) -> Network:
-    """Read an original-LipSDP `.mat` file (cell array `weights`; optional `biases`, `activations`).
+def load_mat(path: str | Path, activation: str | None = None) -> Network:
+    """Read an original-LipSDP `.mat` file (cell array `weights`, or `W` as in Pauli et al.'s MaxMin nets;
+    optional `biases`, `activations`). `activation` names the hidden activation when the file does not.
 
     MATLAB v7.3 (HDF5) files go to `lipsdp.io.mat73`; older versions to scipy.io.loadmat."""
     import scipy.io
@@ -135,7 +175,7 @@ def load_mat(path: str | Path) -> Network:
     path = Path(path)
     try:
         if is_mat73(path):
-            return load_mat73(path)
+            return load_mat73(path, activation=activation)
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read the file ({exc})") from None
     try:  # shapes from the headers only, so a file claiming a huge array is refused before allocating
@@ -151,9 +191,10 @@ def load_mat(path: str | Path) -> Network:
         data = scipy.io.loadmat(path)
     except (ValueError, TypeError, OSError, NotImplementedError, EOFError, Exception) as exc:  # noqa: BLE001
         raise ModelLoadError(f"{path}: not a readable MATLAB .mat file ({type(exc).__name__}: {exc})") from None
-    if "weights" not in data:
+    key = "weights" if "weights" in data else "W" if "W" in data else None
+    if key is None:
         names = [k for k in data if not k.startswith("__")]
-        raise ModelLoadError(f"{path}: no cell array named 'weights' (variables present: {names})")
+        raise ModelLoadError(f"{path}: no cell array named 'weights' or 'W' (variables present: {names})")
 
     def cells(value) -> list[np.ndarray]:
         arr = np.asarray(value)
@@ -161,13 +202,13 @@ def load_mat(path: str | Path) -> Network:
             return [np.asarray(c) for c in arr.reshape(-1, order="F")]
         return [arr]
 
-    weights = cells(data["weights"])
+    weights = cells(data[key])
     biases = [np.asarray(b).reshape(-1) for b in cells(data["biases"])] if "biases" in data else None
-    activations = "relu"
+    activations = None
     if "activations" in data:
         acts = [str(np.asarray(a).reshape(-1)[0]) for a in cells(data["activations"])]
         activations = acts[0] if len(acts) == 1 else acts
-    return _build(str(path), weights, biases, activations)
+    return _build(str(path), weights, biases, _override(str(path), activations, activation) or "relu")
 
 
 def save_npz(net: Network, path: str | Path) -> None:
@@ -179,6 +220,8 @@ def save_npz(net: Network, path: str | Path) -> None:
         if isinstance(act, Mixed):  # the base activation's name, and the pass-through neurons beside it
             arrays[f"passthrough{k}"] = np.array(act.identity, dtype=np.int64)
             act = act.base
+        elif isinstance(act, Reflect):  # 'reflect', and which neurons apply |.|
+            arrays[f"flip{k}"] = np.array(act.flip, dtype=np.int64)
         labels.append(act.label().replace("(", ":").rstrip(")"))
     arrays["activations"] = np.array(labels, dtype=str)
     np.savez(path, **arrays)
@@ -195,10 +238,10 @@ def save_mat(net: Network, path: str | Path) -> None:
         bias[0, k] = b.reshape(-1, 1)
     acts = np.empty((1, max(net.depth, 1)), dtype=object)
     for k in range(net.depth):
-        if isinstance(net.activations[k], Mixed):
+        if isinstance(net.activations[k], (Mixed, Reflect)):
             raise LipSDPError(
-                f"hidden layer {k + 1} mixes {net.activations[k].base.label()} with pass-through neurons (a lowered "
-                "graph); the .mat layout has no place for them: save the network as .npz"
+                f"hidden layer {k + 1} is a {net.activations[k].name} layer of a lowered graph (pass-through or "
+                "|.| neurons); the .mat layout has no place for them: save the network as .npz"
             )
         acts[0, k] = net.activations[k].label().replace("(", ":").rstrip(")")
     data = {"weights": cell, "biases": bias}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipsdp.activations import Activation, activation
+from lipsdp.activations import Activation, GroupSort, activation
 from lipsdp.errors import LipSDPError, UnsupportedLayerError
-from lipsdp.graph import Graph
+from lipsdp.graph import Graph, to_network
 from lipsdp.network import Network
 
 # Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
@@ -21,9 +21,22 @@ MAX_ARRAY_ELEMENTS = 2**28
 
 
 def build_from_arrays(source: str, weights: list[np.ndarray], biases, activations) -> Network:
-    """`Network.from_arrays`, with the file name in front of any error message."""
+    """`Network.from_arrays`, with the file name in front of any error message. Hidden layers with a
+    GroupSort / MaxMin activation (not elementwise) go through `lipsdp.graph` and its exact lowering."""
     try:
-        return Network.from_arrays(weights, activations, biases)
+        hidden = len(weights) - 1
+        names = [activations] * hidden if isinstance(activations, (str, Activation)) else list(activations)
+        acts = [a if isinstance(a, Activation) else activation(a) for a in names]
+        if len(acts) != hidden or not any(isinstance(a, GroupSort) for a in acts):
+            return Network.from_arrays(weights, activations, biases)
+        probe = Network.from_arrays(weights, "identity", biases)  # validates shapes and values
+        graph = Graph(probe.sizes[0], where=source)
+        node = 0
+        for k, (w, b) in enumerate(zip(probe.weights, probe.biases)):
+            node = graph.affine(node, w, b, where=f"layer {k}")
+            if k < hidden:
+                node = graph.activation(node, acts[k], where=f"hidden layer {k + 1}")
+        return to_network(graph)
     except LipSDPError as exc:
         raise type(exc)(f"{source}: {exc}") from None
 

@@ -114,7 +114,7 @@ class _Reader:
         return units.tobytes().decode("utf-16-le", errors="replace")
 
 
-def load_mat73(path: str | Path) -> Network:
+def load_mat73(path: str | Path, activation: str | None = None) -> Network:
     """Read a MATLAB v7.3 (HDF5) `.mat` file in the original LipSDP layout (see the module docstring)."""
     import h5py
 
@@ -124,16 +124,17 @@ def load_mat73(path: str | Path) -> Network:
     try:
         with h5py.File(path, "r") as f:
             reader = _Reader(path, f)
-            if "weights" not in f:
+            key = "weights" if "weights" in f else "W" if "W" in f else None
+            if key is None:
                 names = [k for k in f if not k.startswith("#")]
-                raise reader.fail(f"no cell array named 'weights' (variables present: {names})")
-            cells = reader.cells(reader.variable("weights"), "weights")
-            weights = [reader.matrix(c, f"weights{{{k + 1}}}") for k, c in enumerate(cells)]
+                raise reader.fail(f"no cell array named 'weights' or 'W' (variables present: {names})")
+            cells = reader.cells(reader.variable(key), key)
+            weights = [reader.matrix(c, f"{key}{{{k + 1}}}") for k, c in enumerate(cells)]
             biases = None
             if "biases" in f:
                 cells = reader.cells(reader.variable("biases"), "biases")
                 biases = [reader.matrix(c, f"biases{{{k + 1}}}").reshape(-1) for k, c in enumerate(cells)]
-            activations: str | list[str] = "relu"
+            activations: str | list[str] | None = None
             if "activations" in f:
                 cells = reader.cells(reader.variable("activations"), "activations")
                 names = [reader.text(c, f"activations{{{k + 1}}}") for k, c in enumerate(cells)]
@@ -144,4 +145,6 @@ def load_mat73(path: str | Path) -> Network:
         raise ModelLoadError(
             f"{path}: not a readable MATLAB v7.3 (HDF5) .mat file ({type(exc).__name__}: {exc})"
         ) from None
-    return _build(str(path), weights, biases, activations)
+    from lipsdp.io.arrays import _override
+
+    return _build(str(path), weights, biases, _override(str(path), activations, activation) or "relu")
