@@ -115,10 +115,46 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
 
     The proof runs on the exactly balanced LMI (`lmi.Balancing`: a power-of-two diagonal congruence that
     gives every layer norm about 1 and then F(rho*, T) a diagonal of about 1), which keeps the norm-wise
-    rounding margin small relative to the smallest eigenvalue on deep and ill-conditioned networks."""
+    rounding margin small relative to the smallest eigenvalue on deep and ill-conditioned networks.
+
+    Raising rho only makes the input block more definite. Where a hidden block is singular at the
+    solver's T (the blocks of [-1, 1] slopes are decoupled, and a norm-preserving layer is exactly tight),
+    T is also tried with layer k's multipliers raised by (1 + d)^(l - k): each hidden block then gains
+    about d times its own multiplier term, at the price of a factor (1 + d)^l on rho."""
     t = np.zeros(0) if t is None else np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
     if not np.all(np.isfinite(t)) or t.size != net.n_neurons:
         return None
+    # Lazily prepared variants: (T, equilibrated) as given first; T with hidden blocks inflated and F not
+    # equilibrated by its diagonal (at an exactly tight LMI that diagonal cancels to ~0, and scaling it to
+    # 1 blows up the terms whose rounding the proof must cover) only when the first fails.
+    inflated = t * _layer_inflation(net, TIGHT_BLOCK_INFLATION) if net.depth else t
+    recipes = [(t, True), (t, False), (inflated, True), (inflated, False)]
+    prepared: dict[int, tuple | None] = {}
+    for inflation in RHO_INFLATIONS:
+        for k, (t_k, equilibrate) in enumerate(recipes):
+            if k > 0 and inflation == RHO_INFLATIONS[0]:
+                break  # the others only once the given T has failed at the smallest rho
+            if k not in prepared:
+                prepared[k] = _prepared(net, t_k, equilibrate)
+            if prepared[k] is not None:
+                cert = _prove_at(net, *prepared[k], inflation)
+                if cert is not None:
+                    return cert
+    log.debug("certificate failed at every inflation")
+    return None
+
+
+# Relative step d of the per-layer multiplier inflation (1 + d)^(l - k) (see `certify`).
+TIGHT_BLOCK_INFLATION = 1e-9
+
+
+def _layer_inflation(net: Network, d: float) -> np.ndarray:
+    """Per neuron: (1 + d)^(l - k) for the neurons of hidden layer k = 0..l-1."""
+    return np.repeat((1.0 + d) ** (net.depth - np.arange(net.depth)), net.hidden_sizes)
+
+
+def _prepared(net: Network, t: np.ndarray, equilibrate: bool = True):
+    """(balancing, balanced network, balanced multipliers, rho*) for the proof, or None."""
     bal = Balancing.of(net)
     net_b, t_b = bal.network(net), bal.multipliers(net, t)
     if not (np.all(np.isfinite(t_b)) and all(np.all(np.isfinite(w)) for w in net_b.weights)):
@@ -126,26 +162,30 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     rho_star = schur_rho(net_b, t_b)
     if rho_star is None:
         return None
+    if not equilibrate:
+        return bal, net_b, t_b, rho_star
     # then equilibrate F(rho*, T) itself: every diagonal entry about 1 (exact powers of two again)
     eq = Balancing.equilibrating(net_b, rho_star, t_b)
     t_eq = eq.multipliers(net_b, t_b)
     if not eq.is_identity() and np.array_equal(eq.original_multipliers(net_b, t_eq), t_b):
         bal, net_b, t_b = bal.then(eq), eq.network(net_b), t_eq
         rho_star = eq.balanced_rho(rho_star)
+    return bal, net_b, t_b, rho_star
+
+
+def _prove_at(net: Network, bal, net_b: Network, t_b: np.ndarray, rho_star: float, inflation: float) -> Certificate | None:
     scale = max(rho_star, 1e-200)  # a zero network still needs rho > 0 for a strict proof
-    for inflation in RHO_INFLATIONS:
-        rho_b = rho_star + inflation * scale
-        proven = prove_positive_definite(net_b, rho_b, t_b)
-        if proven is not None:
-            rho = bal.original_rho(rho_b)  # exact: division by a power of two
-            if not np.isfinite(rho) or rho <= 0:
-                return None
-            upper = math.nextafter(math.sqrt(rho), math.inf)
-            # the multipliers actually proven (equal to t unless scaling them left the float64 range)
-            t_proven = bal.original_multipliers(net, t_b)
-            return Certificate(upper, rho, bal.original_rho(rho_star), t_proven, proven)
-    log.debug("certificate failed for rho*=%g at every inflation", rho_star)
-    return None
+    rho_b = rho_star + inflation * scale
+    proven = prove_positive_definite(net_b, rho_b, t_b)
+    if proven is None:
+        return None
+    rho = bal.original_rho(rho_b)  # exact: division by a power of two
+    if not np.isfinite(rho) or rho <= 0:
+        return None
+    upper = math.nextafter(math.sqrt(rho), math.inf)
+    # the multipliers actually proven (equal to t unless scaling them left the float64 range)
+    t_proven = bal.original_multipliers(net, t_b)
+    return Certificate(upper, rho, bal.original_rho(rho_star), t_proven, proven)
 
 
 def certified_product(factors: list[float]) -> float:
