@@ -177,6 +177,29 @@ class Graph:
             )
         return self._push(Node("maxpool", (src,), win.shape[0], where, windows=win))
 
+    def select(self, src: int, positions: np.ndarray, where: str = "") -> int:
+        """The entries `positions` of the input, in that order (a 0/1 affine map: exact)."""
+        flat = np.asarray(positions, dtype=np.int64).reshape(-1)
+        pick = np.zeros((flat.size, self.size(src)))
+        pick[np.arange(flat.size), flat] = 1.0
+        return self.affine(src, pick, None, where)
+
+    def extrema(self, first: int, second: int, which: Sequence[str], where: str = "") -> dict[str, int]:
+        """Elementwise 'maximum' and/or 'minimum' of two inputs of one size. Both of one pair form one
+        comparator per entry (`groupsort`: LipSDP-NSR holds (max, min) exactly); a lone one is a max pool
+        of pairs (max = b + relu(a - b); min(a, b) = -max(-a, -b))."""
+        m = self.size(first)
+        both = self.concat([first, second], where)
+        pairs = np.stack([np.arange(m), m + np.arange(m)], axis=1)
+        if set(which) == {"maximum", "minimum"}:
+            ordered = self.groupsort(both, pairs, True, where)  # per pair: (max, min)
+            return {"maximum": self.select(ordered, np.arange(m), where),
+                    "minimum": self.select(ordered, m + np.arange(m), where)}
+        if set(which) == {"maximum"}:
+            return {"maximum": self.maxpool(both, pairs, where)}
+        negated = self.affine(both, -np.ones(2 * m), None, where)
+        return {"minimum": self.affine(self.maxpool(negated, pairs, where), -np.ones(m), None, where)}
+
     def _groups(self, src: int, windows: np.ndarray, where: str) -> np.ndarray:
         win = np.asarray(windows)
         if win.ndim != 2 or win.size == 0 or win.shape[1] < 2 or not np.issubdtype(win.dtype, np.integer):

@@ -76,6 +76,19 @@ class Layout:
         self.shape = tuple(int(v) for v in shape)
         self.index = None
 
+    def positions(self) -> np.ndarray:
+        """The flat-vector position of every entry of the tensor, in the tensor's shape."""
+        if self.index is None:
+            return np.arange(self.size).reshape(self.shape)
+        return self.index.reshape(self.shape)
+
+    def groups_along(self, axis: int, where: str) -> np.ndarray:
+        """The flat positions of the entries along `axis`, one row per group (the other axes in C order)."""
+        axis = axis % len(self.shape)
+        if axis == 0 and len(self.shape) > 1:
+            raise UnsupportedLayerError(f"{where} works along the batch axis")
+        return np.moveaxis(self.positions(), axis, -1).reshape(-1, self.shape[axis])
+
     def output_permutation(self) -> np.ndarray | None:
         """The 0/1 matrix P with output = P y when a permutation is left at the end, else None."""
         if self.index is None:

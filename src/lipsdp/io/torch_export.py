@@ -73,6 +73,12 @@ _PADS = {"pad": None, "constant_pad_nd": "constant", "reflection_pad1d": "reflec
          "replication_pad3d": "edge", "_pad_circular": "wrap"}
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 _MAX_POOLS = {"max_pool2d", "max_pool2d_with_indices"}
+# Sorting and extrema along an axis, and elementwise max / min of two tensors (MaxMin, GroupSort)
+_SORTS = {"sort"}
+_REDUCTIONS = {"max", "min", "amax", "amin"}
+_EXTREMA = {"maximum", "minimum"}
+# Taking entries of a tensor: one index (select), a strided range (slice), equal pieces (chunk, split, unbind)
+_PICKS = {"select", "slice", "chunk", "split", "split_with_sizes", "unbind"}
 _MAX_KRON = 50_000_000
 
 
@@ -528,6 +534,8 @@ class _ExportGraph(_ExportChain):
         self.graph = Graph(self.layout.size, where=f"input '{self.current.name}'")
         self.tensors: dict[Any, tuple[int, Layout]] = {self.current: (0, self.layout)}
         self.with_indices: set[Any] = set()
+        self.comparators: dict[frozenset, dict[str, int]] = {}  # (a, b) -> its max and min graph nodes
+        self.pieces: dict[Any, list[tuple[int, Layout]]] = {}  # chunk / split / unbind: their outputs
 
     def enter(self, data: Any, where: str) -> None:
         node, layout = self.tensors[data]
@@ -569,16 +577,29 @@ class _ExportGraph(_ExportChain):
             return
         if name in _MAX_POOLS and len(data) == 1:
             self.maxpool(node, name, data[0], where)
+        elif name in _SORTS and len(data) == 1:
+            self.sort(node, data[0], where)
+        elif name in _REDUCTIONS and len(data) == 1 and len(node.args) + len(node.kwargs) > 1:
+            self.reduce_extremum(node, name, data[0], where)
+        elif name in _EXTREMA and len(data) == 2:
+            self.extremum(node, name, data, where)
+        elif name in _PICKS and len(data) == 1:
+            self.pick(node, name, data[0], where)
+        elif name == "getitem" and data[0] in self.pieces:
+            self.tensors[node] = self.pieces[data[0]][int(node.args[1])]
         elif name == "getitem" and data[0] in self.with_indices:
+            if node.args[1] != 0 and not node.users:
+                return  # the unused indices output of a sort or max (torch.export keeps it)
             if node.args[1] != 0:
                 raise UnsupportedLayerError(
-                    f"{self.source}: {where} reads the indices of the maxima, which are not a Lipschitz function"
+                    f"{self.source}: {where} reads the indices of the maxima (or of a sort), which are not a "
+                    "Lipschitz function"
                 )
             self.tensors[node] = self.tensors[data[0]]
         elif name in ("add", "sub") and len(data) == 2:
             self.sum(node, name, data, where)
-        elif name == "cat":
-            self.cat(node, where)
+        elif name in ("cat", "stack"):
+            self.cat(node, where, stack=name == "stack")
         elif len(data) > 1:
             hint = f"; {_hint(name)}" if _hint(name) else ""
             raise UnsupportedLayerError(
@@ -612,21 +633,26 @@ class _ExportGraph(_ExportChain):
             right = self.graph.affine(right, np.full(self.layout.size, scale), None, where)
         self.tensors[node] = (self.graph.add([left, right], where), self.layout)
 
-    def cat(self, node: Any, where: str) -> None:
+    def cat(self, node: Any, where: str, stack: bool = False) -> None:
+        """torch.cat; torch.stack is a cat of the tensors with a new axis of length 1 at `dim`."""
         items = list(node.args[0])
         dim = int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))
         shapes, nodes, parts = [], [], []
         for item in items:
             if item in self.tensors:
                 graph_node, layout = self.tensors[item]
-                shapes.append(layout.shape)
+                shape, index = layout.shape, layout.index
                 nodes.append(graph_node)
-                parts.append((layout.shape, layout.index))
             else:
                 value = _numpy(self.value(item))
-                shapes.append(tuple(value.shape))
+                shape, index = tuple(value.shape), None
                 nodes.append(self.graph.constant(value.reshape(-1), where))
-                parts.append((tuple(value.shape), None))
+            if stack:
+                at = dim % (len(shape) + 1)
+                shape = shape[:at] + (1,) + shape[at:]
+                index = None if index is None else index.reshape(shape)
+            shapes.append(shape)
+            parts.append((shape, index))
         rank = len(shapes[0])
         dim = dim % rank if rank else 0
         if any(len(s) != rank for s in shapes) or any(
@@ -670,6 +696,103 @@ class _ExportGraph(_ExportChain):
         self.tensors[node] = (pooled, Layout(recorded))
 
 
+    def pick(self, node: Any, name: str, data: Any, where: str) -> None:
+        """select / slice / chunk / split / unbind: a selection of entries (an exact 0/1 affine map)."""
+        self.enter(data, where)
+        shape = self.layout.shape
+        positions = self.layout.positions()
+        args, kwargs = list(node.args), dict(node.kwargs)
+        default_dim = 0 if name in ("select", "slice", "unbind", "chunk", "split", "split_with_sizes") else None
+        dim = int(_arg(args, kwargs, 1 if name in ("select", "slice", "unbind") else 2, "dim", default_dim)) % len(shape)
+        if dim == 0 and len(shape) > 1:
+            raise UnsupportedLayerError(f"{self.source}: {where} takes entries along the batch axis")
+        if name == "select":
+            parts = [np.take(positions, int(_arg(args, kwargs, 2, "index", 0)), axis=dim)]
+        elif name == "slice":
+            start, end = _arg(args, kwargs, 2, "start", None), _arg(args, kwargs, 3, "end", None)
+            step = int(_arg(args, kwargs, 4, "step", 1))
+            index = [slice(None)] * len(shape)
+            index[dim] = slice(start, end, step)
+            parts = [positions[tuple(index)]]
+        elif name == "unbind":
+            parts = [np.take(positions, i, axis=dim) for i in range(shape[dim])]
+        else:
+            size = args[1] if len(args) > 1 else kwargs.get("split_size", kwargs.get("chunks"))
+            if name == "chunk":
+                step = -(-shape[dim] // int(size))
+                cuts = list(range(step, shape[dim], step))
+            elif isinstance(size, int):
+                cuts = list(range(int(size), shape[dim], int(size)))
+            else:
+                cuts = list(np.cumsum([int(v) for v in size])[:-1])
+            parts = np.split(positions, cuts, axis=dim)
+        outputs = [(self.graph.select(self.builder.current, part, where), Layout(part.shape)) for part in parts]
+        if name in ("select", "slice"):
+            self.tensors[node] = outputs[0]
+        else:
+            self.pieces[node] = outputs
+
+    def sort(self, node: Any, data: Any, where: str) -> None:
+        """torch.sort along an axis (GroupSort; MaxMin is groups of 2 in descending order)."""
+        self.enter(data, where)
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if node.target._overloadname == "stable":
+            dim, descending = kwargs.get("dim", -1), kwargs.get("descending", False)
+        else:
+            dim, descending = _arg(args, kwargs, 1, "dim", -1), _arg(args, kwargs, 2, "descending", False)
+        groups = self.layout.groups_along(int(dim), f"{self.source}: {where}")
+        current = self.builder.current
+        if groups.shape[1] > 1:
+            current = self.graph.groupsort(current, groups, bool(descending), where)
+        self.with_indices.add(node)
+        self.tensors[node] = (current, copy.copy(self.layout))
+
+    def reduce_extremum(self, node: Any, name: str, data: Any, where: str) -> None:
+        """max / min / amax / amin along one axis: a max pool over the groups (min(x) = -max(-x))."""
+        self.enter(data, where)
+        dims = _arg(list(node.args), dict(node.kwargs), 1, "dim", None)
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if len(dims) != 1:
+            raise UnsupportedLayerError(f"{self.source}: {where} reduces over {dims or 'every axis'}; lipsdp "
+                                        "reads max / min along one axis")
+        groups = self.layout.groups_along(int(dims[0]), f"{self.source}: {where}")
+        current = self.builder.current
+        lowest = name in ("min", "amin")
+        if lowest:
+            current = self.graph.affine(current, -np.ones(self.layout.size), None, where)
+        current = self.graph.maxpool(current, groups, where)
+        if lowest:
+            current = self.graph.affine(current, -np.ones(groups.shape[0]), None, where)
+        if name in ("max", "min"):
+            self.with_indices.add(node)
+        val = node.meta.get("val")
+        recorded = tuple(int(d) for d in (val[0] if isinstance(val, (tuple, list)) else val).shape)
+        self.tensors[node] = (current, Layout(recorded))
+
+    def extremum(self, node: Any, name: str, data: list, where: str) -> None:
+        """Elementwise maximum / minimum of two computed tensors. When the program takes both of the same
+        pair (MaxMin written as max(a, b), min(a, b)), the pair is one comparator (`Graph.groupsort`),
+        whose LipSDP-NSR constraints hold it exactly; a lone one is a max pool of pairs."""
+        first, second = data
+        shape = self.tensors[first][1].shape
+        if self.tensors[second][1].shape != shape or _shape_of(node) != shape:
+            raise UnsupportedLayerError(f"{self.source}: {where} takes the {name} of tensors of different shapes")
+        other = "minimum" if name == "maximum" else "maximum"
+        partnered = any(
+            user is not node and user.op == "call_function" and _op_name(user) == other
+            and set(self.data_args(user)) == {first, second} for user in first.users
+        )
+        key = frozenset((first, second))
+        if not partnered:
+            result = self.graph.extrema(self.plain(first, where), self.plain(second, where), [name], where)[name]
+        else:
+            if key not in self.comparators:
+                self.comparators[key] = self.graph.extrema(self.plain(first, where), self.plain(second, where),
+                                                           ["maximum", "minimum"], where)
+            result = self.comparators[key][name]
+        self.tensors[node] = (result, Layout(shape))
+
+
 def _nodes_in(value: Any, nodes: set[Any]) -> list[Any]:
     """The members of `nodes` among the (nested) arguments `value`, with repetitions."""
     if isinstance(value, dict):
@@ -691,7 +814,7 @@ def _needs_graph(program: Any, start: Any) -> bool:
         if not found or (node.op == "call_function" and _op_name(node) == "_assert_tensor_metadata"):
             continue
         name = _op_name(node) if node.op == "call_function" else "output"
-        if len(found) > 1 or name in _MAX_POOLS or name == "cat":
+        if len(found) > 1 or name in _MAX_POOLS | _SORTS | _REDUCTIONS | _EXTREMA | _PICKS | {"cat", "stack"}:
             return True
         data.add(node)
         readers[found[0]] = readers.get(found[0], 0) + 1
