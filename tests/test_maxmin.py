@@ -341,3 +341,75 @@ def test_shared_maxmin_2fc_16():
 @pytest.mark.parametrize("name", ["weights_l2_5fc_32", "weights_l2_8fc_64"])
 def test_shared_maxmin_deeper(name):
     _check_shared(name)
+
+
+# -- front ends: torch (torch.export) and ONNX ----------------------------------------------------------
+def _torch_models():
+    import torch
+
+    from lipsdp.nn import GroupSort, MaxMin
+
+    class Halves(torch.nn.Module):  # MaxMin as many libraries write it: max and min of the two halves
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
+
+    class Reductions(torch.nn.Module):  # max and min along an axis (read as max pools of pairs)
+        def forward(self, x):
+            p = x.view(x.shape[0], -1, 2)
+            return torch.cat([p.max(dim=-1).values, p.amin(dim=-1)], dim=1)
+
+    return {"groupsort4": GroupSort(4), "maxmin": MaxMin(), "groupsort2-desc": GroupSort(2, descending=True),
+            "halves": Halves(), "reductions": Reductions()}
+
+
+@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "groupsort2-desc", "halves", "reductions"])
+def test_torch_modules_are_read_exactly(kind):
+    import torch
+
+    torch.manual_seed(0)
+    act = _torch_models()[kind]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), act, torch.nn.Linear(8, 8), act, torch.nn.Linear(8, 3))
+    model = model.double().eval()
+    net = lipsdp.io.load_network(model)
+    x = np.random.default_rng(0).standard_normal((30, 5))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(net.forward(x), expected, rtol=1e-12, atol=1e-12)
+    if kind != "reductions":  # sorts and max/min pairs are comparators: LipSDP-NSR layers
+        assert all(a.name == "reflect" for a in net.activations)
+    res = lipsdp.estimate(model, "neuron", lower=True)
+    product = float(np.prod([np.linalg.norm(m.weight.detach().numpy(), 2) for m in model if hasattr(m, "weight")]))
+    assert res.lower <= res.upper <= product * (1 + 1e-9)
+
+
+def test_torch_sort_indices_are_refused():
+    import torch
+
+    from lipsdp.errors import UnsupportedLayerError
+
+    class Argsort(torch.nn.Module):
+        def forward(self, x):
+            return torch.sort(x, dim=1).indices.double()
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Argsort(), torch.nn.Linear(4, 2)).double()
+    with pytest.raises(UnsupportedLayerError, match="indices"):
+        lipsdp.io.load_network(model)
+
+
+@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "halves"])
+def test_onnx_exports_are_read_exactly(tmp_path, kind):
+    import torch
+
+    pytest.importorskip("onnx")
+    torch.manual_seed(1)
+    act = _torch_models()[kind]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), act, torch.nn.Linear(8, 3)).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 5),), path, dynamo=False)  # TopK, or Gather/Split + Max + Min
+    net = lipsdp.io.load_network(path)
+    assert all(a.name == "reflect" for a in net.activations)
+    x = np.random.default_rng(0).standard_normal((30, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(net.forward(x.astype(np.float64)), expected, rtol=1e-5, atol=1e-5)

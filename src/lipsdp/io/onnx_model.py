@@ -47,7 +47,9 @@ from lipsdp.network import Network
 SUPPORTED_OPS = (
     "Gemm, MatMul, Add, Sub, Mul, Div (by constants), Add, Sub, Sum (of computed tensors), Concat, Conv, "
     "AveragePool, GlobalAveragePool, MaxPool, GlobalMaxPool, BatchNormalization, Pad, Flatten, Reshape, Squeeze, "
-    "Unsqueeze, Transpose, Identity, Dropout, Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus"
+    "Unsqueeze, Transpose, Identity, Dropout, Relu, LeakyRelu, Tanh, Sigmoid, Elu, Softplus, TopK (a full sort: "
+    "GroupSort), Max, Min (of two computed tensors: MaxMin), ReduceMax, ReduceMin (one axis), Gather, Slice, Split "
+    "(constant indices)"
 )
 _ACTIVATIONS = {"Relu": "relu", "Tanh": "tanh", "Sigmoid": "sigmoid", "Softplus": "softplus"}
 _HINTS = {
@@ -63,6 +65,8 @@ _HINTS = {
 }
 _MERGES = {"Add", "Sub", "Sum", "Concat"}  # operations that combine computed tensors in a graph
 _POOLS = {"MaxPool", "GlobalMaxPool"}
+# read only as a graph: sorting, extrema and taking entries (the norm-preserving activations' patterns)
+_GRAPH_OPS = {"TopK", "Max", "Min", "ReduceMax", "ReduceMin", "Gather", "Slice", "Split"}
 _MAX_KRON = 50_000_000  # entries of the block-diagonal matrix of a MatMul over several rows
 
 
@@ -388,6 +392,7 @@ class _OnnxGraph(_OnnxChain):
         super().__init__(path, prepared)
         self.graph = Graph(self.layout.size, where=f"input '{prepared.input_name}'")
         self.tensors: dict[str, tuple[int, Layout]] = {prepared.input_name: (0, Layout(prepared.input_shape))}
+        self.comparators: dict[frozenset, dict[str, int]] = {}  # (a, b) -> its Max and Min graph nodes
 
     def enter(self, name: str, where: str) -> None:
         """Make tensor `name` the current one of the chain operations."""
@@ -425,6 +430,10 @@ class _OnnxGraph(_OnnxChain):
             op = node.op_type
             if op in _POOLS:
                 self.maxpool(node, data[0], where)
+            elif op in ("Max", "Min") and len(data) == 2:
+                self.extremum(graph, node, data, where)
+            elif op in ("TopK", "ReduceMax", "ReduceMin", "Gather", "Slice", "Split") and len(data) == 1:
+                self.entries(node, data[0], where)
             elif op == "Sum" or (op in ("Add", "Sub") and len(data) > 1):
                 self.sum(node, where)
             elif op == "Concat":
@@ -527,13 +536,102 @@ class _OnnxGraph(_OnnxChain):
         self.tensors[node.output[0]] = (pooled, Layout((1, *out)))
 
 
+    def extremum(self, graph: Any, node: Any, data: list[str], where: str) -> None:
+        """Max / Min of two computed tensors of one shape: a comparator per entry when the graph takes both
+        of the same pair (MaxMin), else a max pool of pairs (`Graph.extrema`)."""
+        shapes = {self.tensors[n][1].shape for n in data}
+        if len(shapes) != 1:
+            raise UnsupportedLayerError(f"{self.path}: {where} takes the {node.op_type} of tensors of shapes "
+                                        f"{sorted(shapes)}; lipsdp reads tensors of one shape (no broadcasting)")
+        name = "maximum" if node.op_type == "Max" else "minimum"
+        other = "Min" if node.op_type == "Max" else "Max"
+        key = frozenset(data)
+        partnered = any(n.op_type == other and frozenset(i for i in n.input if i) == key for n in graph.node)
+        if partnered and key not in self.comparators:
+            self.comparators[key] = self.graph.extrema(self.plain(data[0], where), self.plain(data[1], where),
+                                                       ["maximum", "minimum"], where)
+        if partnered:
+            result = self.comparators[key][name]
+        else:
+            result = self.graph.extrema(self.plain(data[0], where), self.plain(data[1], where), [name], where)[name]
+        self.tensors[node.output[0]] = (result, Layout(shapes.pop()))
+
+    def entries(self, node: Any, name: str, where: str) -> None:
+        """TopK (a full sort), ReduceMax / ReduceMin (one axis), Gather, Slice, Split with constant indices."""
+        self.enter(name, where)
+        op, attrs, shape = node.op_type, _attributes(node), self.layout.shape
+        inputs = [self.consts.get(i) if i else None for i in node.input[1:]]
+        here = f"{self.path}: {where}"
+        positions = self.layout.positions()
+        if op == "TopK":
+            axis = int(attrs.get("axis", -1)) % len(shape)
+            k = int(np.asarray(inputs[0]).reshape(-1)[0])
+            if k != shape[axis] or not int(attrs.get("sorted", 1)):
+                raise UnsupportedLayerError(f"{here}: TopK keeps {k} of {shape[axis]} entries; lipsdp reads a "
+                                            "full sort (GroupSort) only")
+            groups = self.layout.groups_along(axis, here)
+            current = self.builder.current
+            if groups.shape[1] > 1:
+                current = self.graph.groupsort(current, groups, bool(int(attrs.get("largest", 1))), where)
+            self.tensors[node.output[0]] = (current, copy.copy(self.layout))
+            return
+        if op in ("ReduceMax", "ReduceMin"):
+            axes = attrs.get("axes", None)
+            if axes is None and inputs and inputs[0] is not None:
+                axes = np.asarray(inputs[0]).reshape(-1).tolist()
+            if axes is None or len(axes) != 1:
+                raise UnsupportedLayerError(f"{here}: {op} over axes {axes}; lipsdp reads one axis")
+            axis = int(axes[0]) % len(shape)
+            groups = self.layout.groups_along(axis, here)
+            current = self.builder.current
+            lowest = op == "ReduceMin"
+            if lowest:
+                current = self.graph.affine(current, -np.ones(self.layout.size), None, where)
+            current = self.graph.maxpool(current, groups, where)
+            if lowest:
+                current = self.graph.affine(current, -np.ones(groups.shape[0]), None, where)
+            out = list(shape)
+            out[axis] = 1
+            if not int(attrs.get("keepdims", 1)):
+                del out[axis]
+            self.tensors[node.output[0]] = (current, Layout(out))
+            return
+        if any(i is None for i in inputs[: {"Gather": 1, "Slice": 2, "Split": 0}[op]]):
+            raise UnsupportedLayerError(f"{here}: its indices must be constants")
+        if op == "Gather":
+            axis = int(attrs.get("axis", 0)) % len(shape)
+            parts = [np.take(positions, np.asarray(inputs[0]).astype(np.int64), axis=axis)]
+        elif op == "Slice":
+            starts, ends = (np.asarray(v).astype(np.int64).reshape(-1) for v in inputs[:2])
+            axes = np.asarray(inputs[2]).astype(np.int64).reshape(-1) if len(inputs) > 2 and inputs[2] is not None \
+                else np.arange(starts.size)
+            steps = np.asarray(inputs[3]).astype(np.int64).reshape(-1) if len(inputs) > 3 and inputs[3] is not None \
+                else np.ones(starts.size, dtype=np.int64)
+            index = [slice(None)] * len(shape)
+            for start, end, axis, step in zip(starts, ends, axes, steps):
+                index[int(axis) % len(shape)] = slice(int(start), int(end), int(step))
+            parts = [positions[tuple(index)]]
+        else:  # Split
+            axis = int(attrs.get("axis", 0)) % len(shape)
+            sizes = attrs.get("split") if "split" in attrs else (inputs[0] if inputs and inputs[0] is not None else None)
+            if sizes is None:
+                pieces = len([o for o in node.output if o])
+                sizes = [shape[axis] // pieces] * pieces
+            parts = np.split(positions, np.cumsum(np.asarray(sizes, dtype=np.int64))[:-1], axis=axis)
+        if parts[0].ndim and parts[0].shape[0] != 1 and len(shape) > 1:
+            raise UnsupportedLayerError(f"{here} takes entries along the batch axis")
+        for output, part in zip(node.output, parts):
+            if output:
+                self.tensors[output] = (self.graph.select(self.builder.current, part, where), Layout(part.shape))
+
+
 def _needs_graph(graph: Any, consts: dict[str, np.ndarray]) -> bool:
     """True when the graph is not a chain: a computed tensor read by several nodes (or also an output), a
     node merging computed tensors, or max pooling."""
     readers: dict[str, int] = {}
     for node in graph.node:
         data = [name for name in node.input if name and name not in consts]
-        if node.op_type in _POOLS or (node.op_type in _MERGES and (len(data) > 1 or node.op_type in ("Concat", "Sum"))):
+        if node.op_type in _POOLS | _GRAPH_OPS or (node.op_type in _MERGES and (len(data) > 1 or node.op_type in ("Concat", "Sum"))):
             return True
         for name in set(data):
             readers[name] = readers.get(name, 0) + 1
