@@ -74,8 +74,9 @@ class Mixed(Activation):
 
 @dataclass(frozen=True)
 class Reflect(Activation):
-    """A hidden layer whose neurons `flip` (sorted indices) apply |x| and whose others pass x through, every
-    neuron declared slope-restricted in [-1, 1]; the layer has `size` neurons.
+    """A hidden layer whose neurons `flip` (sorted indices) apply |x| and whose others pass x through; the
+    layer has `size` neurons. Every neuron is declared slope-restricted in [-1, 1], except the pass-through
+    neurons `identity` (values carried past the layer, e.g. a residual connection), declared [1, 1].
 
     The norm-preserving activations lower to this (`lipsdp.graph`): MaxMin(a, b) = ((a + b) + |a - b|) / 2,
     ((a + b) - |a - b|) / 2, so a pair needs one identity neuron for a + b and one |.| neuron for a - b; a
@@ -85,12 +86,14 @@ class Reflect(Activation):
     the exact constant of a norm-preserving layer only as its multiplier grows without bound, while the
     [-1, 1] constraint t^2 - s^2 >= 0 holds it with a finite one. With every neuron in [-1, 1] the LMI of
     such a layer is LipSDP-NSR's (Pauli et al., ICLR 2024): in the rotated coordinates (a + b, a - b) their
-    MaxMin multiplier lambda_1 I + lambda_2 11' is diagonal, one entry per neuron. Build one with
-    `reflect(flip, size)`.
+    MaxMin multiplier lambda_1 I + lambda_2 11' is diagonal, one entry per neuron. A value merely carried
+    past the layer keeps [1, 1]: a residual sum h + MaxMin(W h) needs its skip path to be the identity, not
+    any 1-Lipschitz map. Build one with `reflect(flip, size, identity)`.
     """
 
     flip: tuple[int, ...] = ()
     size: int = 0
+    identity: tuple[int, ...] = ()
 
     def label(self) -> str:
         return self.name
@@ -98,7 +101,9 @@ class Reflect(Activation):
     def slope_vectors(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         if n != self.size:
             raise InvalidNetworkError(f"a {self.name} activation of {self.size} neurons is given a layer of {n}")
-        return np.full(n, -1.0), np.full(n, 1.0)
+        alpha = np.full(n, -1.0)
+        alpha[list(self.identity)] = 1.0
+        return alpha, np.full(n, 1.0)
 
     def mask(self) -> np.ndarray:
         """Boolean mask of the |.| neurons."""
@@ -108,16 +113,26 @@ class Reflect(Activation):
 
     def select(self, keep: np.ndarray) -> Activation:
         """The activation of the neurons `keep` (a boolean mask or increasing indices) of this layer."""
-        mask = self.mask()[np.asarray(keep)]
-        return reflect(np.flatnonzero(mask), int(mask.size))
+        passing = np.zeros(self.size, dtype=bool)
+        passing[list(self.identity)] = True
+        keep = np.asarray(keep)
+        return reflect(np.flatnonzero(self.mask()[keep]), int(self.mask()[keep].size), np.flatnonzero(passing[keep]))
 
 
-def reflect(flip, size: int) -> Reflect:
-    """|x| on the neurons `flip` (indices) of a layer of `size`, the identity on the others, all in [-1, 1]."""
-    idx = tuple(sorted({int(i) for i in np.asarray(flip, dtype=np.int64).reshape(-1)}))
+def _indices(values, size: int, what: str) -> tuple[int, ...]:
+    idx = tuple(sorted({int(i) for i in np.asarray(values, dtype=np.int64).reshape(-1)}))
     if idx and (idx[0] < 0 or idx[-1] >= size):
-        raise InvalidNetworkError(f"reflected neuron indices must lie in 0..{size - 1}")
-    return Reflect("reflect", -1.0, 1.0, None, idx, int(size))
+        raise InvalidNetworkError(f"{what} neuron indices must lie in 0..{size - 1}")
+    return idx
+
+
+def reflect(flip, size: int, identity=()) -> Reflect:
+    """|x| on the neurons `flip` (indices) of a layer of `size`, the identity on the others, all in [-1, 1]
+    but the pass-through neurons `identity` ([1, 1])."""
+    flips, passing = _indices(flip, size, "reflected"), _indices(identity, size, "pass-through")
+    if set(flips) & set(passing):
+        raise InvalidNetworkError("a neuron cannot both reflect (|x|) and pass its value through")
+    return Reflect("reflect", -1.0, 1.0, None, flips, int(size), passing)
 
 
 @dataclass(frozen=True)

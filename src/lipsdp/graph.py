@@ -51,7 +51,8 @@ neurons of one layer L of the chain (layer 0 is the input):
   identity and one |.| neuron (coefficients 1, -1, 1/2: exact in binary). GroupSort of g > 2 is a
   sorting network of such comparators, one layer per round: Batcher's bitonic sorter for g a power of two
   (every round pairs every entry), else odd-even transposition (g rounds; Knuth, TAOCP 5.3.4). A Householder group is z - (v'z - |v'z|) v / v'v: g identity neurons and one |.|
-  neuron. Entries outside the groups are identity neurons of the same layer;
+  neuron. Entries outside the groups are identity neurons of the same layer ([-1, 1]); values carried past
+  the layer (skip connections) are pass-through neurons ([1, 1]) as everywhere else;
 - MaxPool(phi(z)) = phi(MaxPool(z)) for every non-decreasing phi, and every lipsdp activation is
   non-decreasing (alpha >= 0), so an activation whose only reader is a max pool is moved after it: the
   tournament then runs on the pre-activations and phi is applied to the pooled values only (far fewer
@@ -555,9 +556,10 @@ class _Lowering:
                     identity.append(rows)
             weights.append(w)
             biases.append(b)
-            if layer.base is _REFLECT:  # pass-through neurons of this layer: identity neurons in [-1, 1]
+            if layer.base is _REFLECT:  # values carried past the layer stay pass-through neurons, [1, 1]
                 flips = [block.start + np.flatnonzero(block.flip) for block in layer.blocks if block.flip is not None]
-                acts.append(reflect(np.concatenate(flips) if flips else [], layer.size))
+                acts.append(reflect(np.concatenate(flips) if flips else [], layer.size,
+                                    np.concatenate(identity) if identity else []))
                 continue
             base = layer.base if layer.base is not None else activation("identity")
             acts.append(mixed(base, np.concatenate(identity) if identity else [], layer.size))

@@ -34,7 +34,8 @@ The mathematics relied on
    on an interval of one sign, and its image of [l, u] is [0, max(-l, u)] when l < 0 < u. Local slopes
    come from interval propagation over the region, in arb. A layer 'base|identity' (a lowered graph)
    applies base except on its pass-through neurons, which are the identity (slope exactly 1); a layer
-   'reflect' applies |.| on its neurons `flip` and the identity on the others.
+   'reflect' applies |.| on its neurons `flip` and the identity on the others (its pass-through neurons
+   `identity` among them).
 4. Every proof kind bounds *every* network with the given weights and per-neuron slope ranges; the
    checker never uses an activation function itself after the slope ranges are found. Hence layer
    scaling: with s_k = 2^(e_0 + ... + e_(k-1)) and x~_k = s_k x_k, s_(l+1) f is the network with weights
@@ -315,9 +316,10 @@ def _layer_parts(act: Any, n: int) -> tuple[Any, set[int], set[int]]:
     `act.identity`; a layer named 'reflect' applies |.| on `act.flip` and the identity elsewhere."""
     if act.name == "reflect":
         flip = {int(i) for i in getattr(act, "flip", ())}
-        if getattr(act, "size", None) != n or any(not 0 <= i < n for i in flip):
+        passing = {int(i) for i in getattr(act, "identity", ())}
+        if getattr(act, "size", None) != n or any(not 0 <= i < n for i in flip | passing) or flip & passing:
             raise _Reject(f"the layer '{act.name}' does not describe its {n} neurons")
-        return _IDENTITY, set(), flip
+        return _IDENTITY, passing, flip
     identity = getattr(act, "identity", None)
     if identity is None:
         return act, set(), set()

@@ -102,11 +102,13 @@ def load_npz(path: str | Path, activation: str | None = None) -> Network:
                     activations = activations[0]
             activations = _override(str(path), activations, activation) or "relu"
             passthrough = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"passthrough(\d+)", k))}
+            flips = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"flip(\d+)", k))}
+            if flips or "reflect" in ([activations] if isinstance(activations, str) else list(activations)):
+                activations = _with_flips(str(path), activations, flips, passthrough, weights)
+                passthrough = {k: v for k, v in passthrough.items()
+                               if not (0 <= k < len(activations) and isinstance(activations[k], Reflect))}
             if passthrough:
                 activations = _with_passthrough(str(path), activations, passthrough, weights)
-            flips = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"flip(\d+)", k))}
-            if flips:
-                activations = _with_flips(str(path), activations, flips, weights)
         except ValueError as exc:  # e.g. object arrays that would need pickle
             raise ModelLoadError(f"{path}: unreadable array ({exc}); store plain numeric arrays") from None
         except (OSError, zipfile.BadZipFile, EOFError) as exc:
@@ -114,22 +116,24 @@ def load_npz(path: str | Path, activation: str | None = None) -> Network:
     return _build(str(path), weights, biases, activations)
 
 
-def _with_flips(source: str, activations, flips: dict[int, np.ndarray], weights) -> list:
-    """Hidden layers k named 'reflect' (a lowered norm-preserving layer) with `flip{k}`: their |.| neurons."""
+def _with_flips(source: str, activations, flips: dict[int, np.ndarray], passthrough: dict[int, np.ndarray],
+                weights) -> list:
+    """Hidden layers k named 'reflect' (a lowered norm-preserving layer): their |.| neurons `flip{k}` and
+    pass-through neurons `passthrough{k}`."""
     from lipsdp.activations import reflect
 
     hidden = len(weights) - 1
     names = [activations] * hidden if isinstance(activations, str) else list(activations)
     if len(names) != hidden:
         return names  # Network.from_arrays reports the count
-    for k, idx in flips.items():
+    for k in sorted(set(flips) | {j for j in passthrough if 0 <= j < hidden and names[j] == "reflect"}):
         if not 0 <= k < hidden or names[k] != "reflect":
             raise ModelLoadError(f"{source}: flip{k} belongs to a hidden layer named 'reflect'")
-        idx = np.asarray(idx)
-        if not np.issubdtype(idx.dtype, np.integer) or idx.ndim != 1:
-            raise ModelLoadError(f"{source}: flip{k} must be a 1-D array of neuron indices")
+        arrays = [np.asarray(flips.get(k, np.zeros(0, dtype=np.int64))), np.asarray(passthrough.get(k, np.zeros(0, dtype=np.int64)))]
+        if any(not np.issubdtype(a.dtype, np.integer) or a.ndim != 1 for a in arrays):
+            raise ModelLoadError(f"{source}: flip{k} and passthrough{k} must be 1-D arrays of neuron indices")
         try:
-            names[k] = reflect(idx, int(np.asarray(weights[k]).shape[0]))
+            names[k] = reflect(arrays[0], int(np.asarray(weights[k]).shape[0]), arrays[1])
         except LipSDPError as exc:
             raise type(exc)(f"{source}: flip{k}: {exc}") from None
     if "reflect" in names:
@@ -220,8 +224,10 @@ def save_npz(net: Network, path: str | Path) -> None:
         if isinstance(act, Mixed):  # the base activation's name, and the pass-through neurons beside it
             arrays[f"passthrough{k}"] = np.array(act.identity, dtype=np.int64)
             act = act.base
-        elif isinstance(act, Reflect):  # 'reflect', and which neurons apply |.|
+        elif isinstance(act, Reflect):  # 'reflect', which neurons apply |.|, which pass their value through
             arrays[f"flip{k}"] = np.array(act.flip, dtype=np.int64)
+            if act.identity:
+                arrays[f"passthrough{k}"] = np.array(act.identity, dtype=np.int64)
         labels.append(act.label().replace("(", ":").rstrip(")"))
     arrays["activations"] = np.array(labels, dtype=str)
     np.savez(path, **arrays)
