@@ -155,7 +155,7 @@ def test_single_maxmin_is_exactly_one_lipschitz():
     optimum so that its hidden blocks stay strictly definite; the LMI tiers prove within ~1e-8)."""
     net = groupsort_net([np.eye(6), np.eye(6)])
     for method in METHODS:
-        res = lipsdp.estimate(net, method, **({"budget": 5} if method == "anytime" else {}))
+        res = lipsdp.estimate(net, method, **({"budget": 60} if method == "anytime" else {}))
         assert 1.0 <= res.upper <= 1.0 + (2e-6 if method == "sequential" else 1e-7), (method, res.upper)
     assert lipsdp.estimate(net, "neuron", lower=True).lower == pytest.approx(1.0, abs=1e-12)
 
@@ -187,8 +187,8 @@ def test_exact_constant_within_bounds_1d(seed, group, descending):
     exact = exact_1d(weights, biases, group, descending)
     net = groupsort_net(weights, biases, group, descending)
     assert lipsdp.estimate(net, "neuron", lower=True).lower <= exact * (1 + 1e-9)
-    for method in METHODS:
-        upper = lipsdp.estimate(net, method, **({"budget": 3} if method == "anytime" else {})).upper
+    for method in METHODS if seed == 0 else METHODS[:-1]:  # anytime (timed) on one seed per case
+        upper = lipsdp.estimate(net, method, **({"budget": 2} if method == "anytime" else {})).upper
         assert upper >= exact * (1 - 1e-12), (method, upper, exact)
 
 
