@@ -427,3 +427,24 @@ def test_onnx_exports_are_read_exactly(tmp_path, kind):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).double().numpy()
     np.testing.assert_allclose(net.forward(x.astype(np.float64)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_reads_a_pauli_file_with_the_activation_named(tmp_path):
+    from typer.testing import CliRunner
+
+    from lipsdp.cli import app
+
+    rng = np.random.default_rng(2)
+    cell = np.empty((1, 2), dtype=object)
+    cell[0, 0], cell[0, 1] = rng.standard_normal((6, 4)), rng.standard_normal((2, 6))
+    scipy.io.savemat(tmp_path / "w.mat", {"W": cell})
+    out = CliRunner().invoke(app, ["estimate", str(tmp_path / "w.mat"), "--activation", "maxmin", "--json",
+                                   "--certificate", str(tmp_path / "certs")])
+    assert out.exit_code == 0, out.output
+    row = json.loads(out.output)[0] if out.output.lstrip().startswith("[") else json.loads(out.output)
+    assert row["verified"] and "reflect" in row["network"]
+    cert = next((tmp_path / "certs").glob("*.json"))
+    ok = CliRunner().invoke(app, ["verify", str(cert), str(tmp_path / "w.mat"), "--activation", "maxmin"])
+    assert ok.exit_code == 0 and "accepted" in ok.output
+    wrong = CliRunner().invoke(app, ["verify", str(cert), str(tmp_path / "w.mat")])  # read as relu: another net
+    assert wrong.exit_code == 1
