@@ -368,7 +368,7 @@ def _torch_models():
             a, b = x.chunk(2, dim=1)
             return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)
 
-    class Reductions(torch.nn.Module):  # max and min along an axis (read as max pools of pairs)
+    class Reductions(torch.nn.Module):  # the max and the min along an axis of the same pairs
         def forward(self, x):
             p = x.view(x.shape[0], -1, 2)
             return torch.cat([p.max(dim=-1).values, p.amin(dim=-1)], dim=1)
@@ -390,11 +390,26 @@ def test_torch_modules_are_read_exactly(kind):
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(net.forward(x), expected, rtol=1e-12, atol=1e-12)
-    if kind != "reductions":  # sorts and max/min pairs are comparators: LipSDP-NSR layers
-        assert all(a.name == "reflect" for a in net.activations)
+    assert all(a.name == "reflect" for a in net.activations)  # comparators: LipSDP-NSR layers
     res = lipsdp.estimate(model, "neuron", lower=True)
     product = float(np.prod([np.linalg.norm(m.weight.detach().numpy(), 2) for m in model if hasattr(m, "weight")]))
     assert res.lower <= res.upper <= product * (1 + 1e-9)
+
+
+def test_a_lone_max_stays_a_max_pool():
+    """max along an axis without the min of the same pairs: max(a, b) = b + relu(a - b) (relu neurons)."""
+    import torch
+
+    class LoneMax(torch.nn.Module):
+        def forward(self, x):
+            return x.view(x.shape[0], -1, 2).amax(dim=-1)
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), LoneMax(), torch.nn.Linear(4, 2)).double().eval()
+    net = lipsdp.io.load_network(model)
+    assert [a.name for a in net.activations] == ["relu|identity"]
+    x = np.random.default_rng(0).standard_normal((30, 3))
+    with torch.no_grad():
+        np.testing.assert_allclose(net.forward(x), model(torch.from_numpy(x)).numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_torch_sort_indices_are_refused():
@@ -411,7 +426,7 @@ def test_torch_sort_indices_are_refused():
         lipsdp.io.load_network(model)
 
 
-@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "halves"])
+@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "halves", "reductions"])
 def test_onnx_exports_are_read_exactly(tmp_path, kind):
     import torch
 
@@ -420,7 +435,8 @@ def test_onnx_exports_are_read_exactly(tmp_path, kind):
     act = _torch_models()[kind]
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), act, torch.nn.Linear(8, 3)).eval()
     path = tmp_path / "m.onnx"
-    torch.onnx.export(model, (torch.zeros(1, 5),), path, dynamo=False)  # TopK, or Gather/Split + Max + Min
+    # TopK; Gather or Split, then Max and Min; ReduceMax and ReduceMin
+    torch.onnx.export(model, (torch.zeros(1, 5),), path, dynamo=False)
     net = lipsdp.io.load_network(path)
     assert all(a.name == "reflect" for a in net.activations)
     x = np.random.default_rng(0).standard_normal((30, 5)).astype(np.float32)

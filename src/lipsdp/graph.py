@@ -186,20 +186,27 @@ class Graph:
         return self.affine(src, pick, None, where)
 
     def extrema(self, first: int, second: int, which: Sequence[str], where: str = "") -> dict[str, int]:
-        """Elementwise 'maximum' and/or 'minimum' of two inputs of one size. Both of one pair form one
-        comparator per entry (`groupsort`: LipSDP-NSR holds (max, min) exactly); a lone one is a max pool
-        of pairs (max = b + relu(a - b); min(a, b) = -max(-a, -b))."""
+        """Elementwise 'maximum' and/or 'minimum' of two inputs of one size (`group_extrema` of the pairs)."""
         m = self.size(first)
-        both = self.concat([first, second], where)
         pairs = np.stack([np.arange(m), m + np.arange(m)], axis=1)
-        if set(which) == {"maximum", "minimum"}:
-            ordered = self.groupsort(both, pairs, True, where)  # per pair: (max, min)
-            return {"maximum": self.select(ordered, np.arange(m), where),
-                    "minimum": self.select(ordered, m + np.arange(m), where)}
-        if set(which) == {"maximum"}:
-            return {"maximum": self.maxpool(both, pairs, where)}
-        negated = self.affine(both, -np.ones(2 * m), None, where)
-        return {"minimum": self.affine(self.maxpool(negated, pairs, where), -np.ones(m), None, where)}
+        return self.group_extrema(self.concat([first, second], where), pairs, which, where)
+
+    def group_extrema(self, src: int, groups: np.ndarray, which: Sequence[str], where: str = "") -> dict[str, int]:
+        """The 'maximum' and/or 'minimum' of each row of `groups` (input positions). Both of groups of two
+        form one comparator per group (`groupsort`: LipSDP-NSR holds (max, min) exactly); otherwise max
+        pools (max(a, b) = b + relu(a - b), tighter for a lone max; min(x) = -max(-x))."""
+        groups = np.asarray(groups, dtype=np.int64)
+        if groups.shape[1] == 2 and set(which) == {"maximum", "minimum"}:
+            ordered = self.groupsort(src, groups, True, where)  # per group: (max, min)
+            return {"maximum": self.select(ordered, groups[:, 0], where),
+                    "minimum": self.select(ordered, groups[:, 1], where)}
+        out = {}
+        if "maximum" in which:
+            out["maximum"] = self.maxpool(src, groups, where)
+        if "minimum" in which:
+            negated = self.affine(src, -np.ones(self.size(src)), None, where)
+            out["minimum"] = self.affine(self.maxpool(negated, groups, where), -np.ones(groups.shape[0]), None, where)
+        return out
 
     def _groups(self, src: int, windows: np.ndarray, where: str) -> np.ndarray:
         win = np.asarray(windows)

@@ -408,6 +408,7 @@ class _OnnxGraph(_OnnxChain):
 
     def walk(self, prepared: Any) -> Network:
         graph = prepared.graph
+        self.prepared_graph = graph
         consumers: dict[str, int] = {}
         for node in graph.node:
             for name in node.input:
@@ -556,6 +557,15 @@ class _OnnxGraph(_OnnxChain):
             result = self.graph.extrema(self.plain(data[0], where), self.plain(data[1], where), [name], where)[name]
         self.tensors[node.output[0]] = (result, Layout(shapes.pop()))
 
+    def _reduce_axis(self, node: Any, rank: int, here: str) -> int:
+        """The one axis of a ReduceMax / ReduceMin (attribute before opset 18, input after)."""
+        axes = _attributes(node).get("axes", None)
+        if axes is None and len(node.input) > 1 and node.input[1] in self.consts:
+            axes = np.asarray(self.consts[node.input[1]]).reshape(-1).tolist()
+        if axes is None or len(axes) != 1:
+            raise UnsupportedLayerError(f"{here}: {node.op_type} over axes {axes}; lipsdp reads one axis")
+        return int(axes[0]) % rank
+
     def entries(self, node: Any, name: str, where: str) -> None:
         """TopK (a full sort), ReduceMax / ReduceMin (one axis), Gather, Slice, Split with constant indices."""
         self.enter(name, where)
@@ -576,20 +586,18 @@ class _OnnxGraph(_OnnxChain):
             self.tensors[node.output[0]] = (current, copy.copy(self.layout))
             return
         if op in ("ReduceMax", "ReduceMin"):
-            axes = attrs.get("axes", None)
-            if axes is None and inputs and inputs[0] is not None:
-                axes = np.asarray(inputs[0]).reshape(-1).tolist()
-            if axes is None or len(axes) != 1:
-                raise UnsupportedLayerError(f"{here}: {op} over axes {axes}; lipsdp reads one axis")
-            axis = int(axes[0]) % len(shape)
+            axis = self._reduce_axis(node, len(shape), here)
             groups = self.layout.groups_along(axis, here)
-            current = self.builder.current
-            lowest = op == "ReduceMin"
-            if lowest:
-                current = self.graph.affine(current, -np.ones(self.layout.size), None, where)
-            current = self.graph.maxpool(current, groups, where)
-            if lowest:
-                current = self.graph.affine(current, -np.ones(groups.shape[0]), None, where)
+            kind = "maximum" if op == "ReduceMax" else "minimum"
+            other = "ReduceMin" if op == "ReduceMax" else "ReduceMax"
+            partnered = any(n.op_type == other and n.input[:1] == node.input[:1]
+                            and self._reduce_axis(n, len(shape), here) == axis for n in self.prepared_graph.node)
+            key = (name, axis)
+            if partnered and key not in self.comparators:
+                self.comparators[key] = self.graph.group_extrema(self.builder.current, groups,
+                                                                 ["maximum", "minimum"], where)
+            current = (self.comparators[key] if partnered
+                       else self.graph.group_extrema(self.builder.current, groups, [kind], where))[kind]
             out = list(shape)
             out[axis] = 1
             if not int(attrs.get("keepdims", 1)):

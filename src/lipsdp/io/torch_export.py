@@ -534,7 +534,7 @@ class _ExportGraph(_ExportChain):
         self.graph = Graph(self.layout.size, where=f"input '{self.current.name}'")
         self.tensors: dict[Any, tuple[int, Layout]] = {self.current: (0, self.layout)}
         self.with_indices: set[Any] = set()
-        self.comparators: dict[frozenset, dict[str, int]] = {}  # (a, b) -> its max and min graph nodes
+        self.comparators: dict[Any, dict[str, int]] = {}  # (a, b) or (tensor, axis) -> its max and min nodes
         self.pieces: dict[Any, list[tuple[int, Layout]]] = {}  # chunk / split / unbind: their outputs
 
     def enter(self, data: Any, where: str) -> None:
@@ -748,21 +748,36 @@ class _ExportGraph(_ExportChain):
         self.tensors[node] = (current, copy.copy(self.layout))
 
     def reduce_extremum(self, node: Any, name: str, data: Any, where: str) -> None:
-        """max / min / amax / amin along one axis: a max pool over the groups (min(x) = -max(-x))."""
+        """max / min / amax / amin along one axis (`Graph.group_extrema`: when the program takes both the
+        max and the min of the same pairs, a comparator per pair)."""
         self.enter(data, where)
         dims = _arg(list(node.args), dict(node.kwargs), 1, "dim", None)
         dims = [dims] if isinstance(dims, int) else list(dims or [])
         if len(dims) != 1:
             raise UnsupportedLayerError(f"{self.source}: {where} reduces over {dims or 'every axis'}; lipsdp "
                                         "reads max / min along one axis")
-        groups = self.layout.groups_along(int(dims[0]), f"{self.source}: {where}")
-        current = self.builder.current
-        lowest = name in ("min", "amin")
-        if lowest:
-            current = self.graph.affine(current, -np.ones(self.layout.size), None, where)
-        current = self.graph.maxpool(current, groups, where)
-        if lowest:
-            current = self.graph.affine(current, -np.ones(groups.shape[0]), None, where)
+        dim = int(dims[0]) % len(self.layout.shape)
+        groups = self.layout.groups_along(dim, f"{self.source}: {where}")
+        kind = "minimum" if name in ("min", "amin") else "maximum"
+
+        def axis_of(user: Any) -> int | None:
+            d = _arg(list(user.args), dict(user.kwargs), 1, "dim", None)
+            d = d[0] if isinstance(d, (list, tuple)) and len(d) == 1 else d
+            return int(d) % len(self.layout.shape) if isinstance(d, int) else None
+
+        partnered = any(
+            user is not node and user.op == "call_function" and _op_name(user) in _REDUCTIONS
+            and ("minimum" if _op_name(user) in ("min", "amin") else "maximum") != kind and axis_of(user) == dim
+            for user in data.users
+        )
+        key = (data, dim)
+        if partnered:
+            if key not in self.comparators:
+                self.comparators[key] = self.graph.group_extrema(self.builder.current, groups,
+                                                                 ["maximum", "minimum"], where)
+            current = self.comparators[key][kind]
+        else:
+            current = self.graph.group_extrema(self.builder.current, groups, [kind], where)[kind]
         if name in ("max", "min"):
             self.with_indices.add(node)
         val = node.meta.get("val")
