@@ -44,8 +44,9 @@ HASH_DESCRIPTION = (
     "weight W_k as float64 little-endian in row-major order, the bias b_k as float64 little-endian; then for "
     "each hidden layer: the activation name in UTF-8, a zero byte, one byte 1/0 (parameter present or not), "
     "the parameter as float64 little-endian (8 zero bytes if absent), the per-neuron slope bounds alpha_k and "
-    "beta_k as float64 little-endian; for a layer with pass-through neurons (activation name 'base|identity') "
-    "then b'passthrough\\0' and their indices as int64 little-endian"
+    "beta_k as float64 little-endian; for a layer with pass-through neurons (activation name 'base|identity', "
+    "and every 'reflect' layer, even with none) then b'passthrough\\0' and their indices as int64 "
+    "little-endian; for a 'reflect' layer then b'flip\\0' and the indices of its |.| neurons likewise"
 )
 
 
