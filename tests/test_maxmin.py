@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import _area, _clip  # polygon clipping of the exact 2-D enumeration
 from scipy.stats import ortho_group
 
 import lipsdp
@@ -92,24 +93,6 @@ def exact_1d(weights, biases, group: int, descending: bool) -> float:
                             _permutation_slope(zc, zm, group, descending)))
         pieces = new
     return max(float(np.linalg.norm(weights[-1] @ a)) for _, _, a, _ in pieces)
-
-
-def _clip(poly: np.ndarray, normal: np.ndarray, offset: float) -> np.ndarray:
-    out = []
-    for p, q in zip(poly, np.roll(poly, -1, axis=0)):
-        fp, fq = normal @ p + offset, normal @ q + offset
-        if fp >= 0:
-            out.append(p)
-        if (fp >= 0) != (fq >= 0):
-            out.append(p + fp / (fp - fq) * (q - p))
-    return np.array(out) if out else np.zeros((0, 2))
-
-
-def _area(poly: np.ndarray) -> float:
-    if len(poly) < 3:
-        return 0.0
-    x, y = poly[:, 0], poly[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
 def exact_2d(weights, biases, group: int, descending: bool, box: float = 50.0) -> float:
