@@ -12,6 +12,7 @@ tried as well where the LMI is small).
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import resource
 import time
@@ -33,7 +34,7 @@ def random_net(sizes: list[int], seed: int = 0):
     import lipsdp
 
     rng = np.random.default_rng(seed)
-    weights = [rng.normal(0.0, np.sqrt(2.0 / a), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
+    weights = [rng.normal(0.0, np.sqrt(2.0 / a), size=(b, a)) for a, b in itertools.pairwise(sizes)]
     return lipsdp.Network.from_arrays(weights, "relu")
 
 

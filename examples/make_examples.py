@@ -1,5 +1,6 @@
 """Regenerate the bundled example networks (deterministic). Run: python examples/make_examples.py"""
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ def main() -> None:
     # 3. A small tanh controller: state (4) -> 16 -> 16 -> action (1), seeded Glorot-style weights.
     rng = np.random.default_rng(2019)
     sizes = [4, 16, 16, 1]
-    weights = [rng.normal(0, np.sqrt(2.0 / (a + b)), size=(b, a)) for a, b in zip(sizes[:-1], sizes[1:])]
+    weights = [rng.normal(0, np.sqrt(2.0 / (a + b)), size=(b, a)) for a, b in pairwise(sizes)]
     biases = [rng.normal(0, 0.1, size=b) for b in sizes[1:]]
     controller = Network.from_arrays(weights, "tanh", biases)
     save_npz(controller, HERE / "tanh_controller.npz")

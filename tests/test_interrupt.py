@@ -18,6 +18,10 @@ import pytest
 from conftest import EXAMPLES
 
 CLI = [sys.executable, "-c", "from lipsdp.cli import main; main()"]
+# Python's usual Ctrl-C handler, whatever this process inherited: a shell that starts the test suite in the
+# background (`pytest &`, nohup) leaves SIGINT ignored, and Python then keeps it ignored.
+CLI_WITH_CTRL_C = [sys.executable, "-c", ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "from lipsdp.cli import main; main()")]
 
 
 def test_out_writes_one_json_line_per_model(tmp_path):
@@ -45,10 +49,6 @@ def _wait_for_line(path: Path, proc: subprocess.Popen, deadline_s: float = 120.0
         time.sleep(0.01)  # poll interval until the deadline; no assumption on how long the CLI takes
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX signals and named pipes")
 @pytest.mark.parametrize("suffix", [".npz", ".mat"], ids=["in-process", "isolated-loader"])
 def test_sigint_keeps_finished_results(tmp_path, suffix):
@@ -59,11 +59,8 @@ def test_sigint_keeps_finished_results(tmp_path, suffix):
     os.mkfifo(blocked)
     out = tmp_path / "results.jsonl"
     fast = EXAMPLES / "tanh_controller.npz"
-    cmd = CLI + ["estimate", str(fast), str(blocked), "-m", "naive", "--out", str(out)]
-    # Ctrl-C's default disposition in the CLI whatever this process inherited: a shell that starts the
-    # test suite in the background (`pytest &`, nohup) makes SIGINT ignored, and Python keeps it ignored.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+    cmd = CLI_WITH_CTRL_C + ["estimate", str(fast), str(blocked), "-m", "naive", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_line(out, proc)
         proc.send_signal(signal.SIGINT)
