@@ -25,7 +25,7 @@ def _numbered(keys: list[str], prefix: str, source: str = "weight file") -> list
     return [k for _, k in found]
 
 
-from lipsdp.io.chain import MAX_ARRAY_ELEMENTS
+from lipsdp.io.chain import MAX_ARRAY_ELEMENTS, named_activations
 from lipsdp.io.chain import build_from_arrays as _build
 
 
@@ -56,17 +56,6 @@ def _check_npz_headers(path: Path) -> None:
         tokenize.TokenError,  # numpy tokenizes the header text; a corrupt header can raise this
     ) as exc:
         raise ModelLoadError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
-
-
-def _override(source: str, activations, override: str | None):
-    """`activation=` given by the caller: the hidden activation of a file that does not record one (the
-    MaxMin nets of Pauli et al. store only `W`). A file that names its activations must agree with it."""
-    if override is None:
-        return activations
-    if activations is not None and activations != override and activations != [override] * len(activations):
-        raise ModelLoadError(f"{source}: the file names its activations {activations}; --activation {override} "
-                             "disagrees (leave it out for this file)")
-    return override
 
 
 def load_npz(path: str | Path, activation: str | None = None) -> Network:
@@ -100,7 +89,7 @@ def load_npz(path: str | Path, activation: str | None = None) -> Network:
                 activations = [str(a) for a in np.atleast_1d(acts)]
                 if len(activations) == 1 and len(weights) > 2:
                     activations = activations[0]
-            activations = _override(str(path), activations, activation) or "relu"
+            activations = named_activations(str(path), activations, activation) or "relu"
             passthrough = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"passthrough(\d+)", k))}
             flips = {int(m.group(1)): data[k] for k in keys if (m := re.fullmatch(r"flip(\d+)", k))}
             if flips or "reflect" in ([activations] if isinstance(activations, str) else list(activations)):
@@ -212,7 +201,7 @@ def load_mat(path: str | Path, activation: str | None = None) -> Network:
     if "activations" in data:
         acts = [str(np.asarray(a).reshape(-1)[0]) for a in cells(data["activations"])]
         activations = acts[0] if len(acts) == 1 else acts
-    return _build(str(path), weights, biases, _override(str(path), activations, activation) or "relu")
+    return _build(str(path), weights, biases, named_activations(str(path), activations, activation) or "relu")
 
 
 def save_npz(net: Network, path: str | Path) -> None:

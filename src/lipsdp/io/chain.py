@@ -12,12 +12,23 @@ from __future__ import annotations
 import numpy as np
 
 from lipsdp.activations import Activation, GroupSort, activation
-from lipsdp.errors import LipSDPError, UnsupportedLayerError
+from lipsdp.errors import LipSDPError, ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.network import Network
 
 # Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
 MAX_ARRAY_ELEMENTS = 2**28
+
+
+def named_activations(source: str, activations, override: str | None):
+    """`activation=` given by the caller: the hidden activation of a file that does not record one (the
+    MaxMin nets of Pauli et al. store only `W`). A file that names its activations must agree with it."""
+    if override is None:
+        return activations
+    if activations is not None and activations != override and activations != [override] * len(activations):
+        raise ModelLoadError(f"{source}: the file names its activations {activations}; --activation {override} "
+                             "disagrees (leave it out for this file)")
+    return override
 
 
 def build_from_arrays(source: str, weights: list[np.ndarray], biases, activations) -> Network:

@@ -119,6 +119,7 @@ def load_mat73(path: str | Path, activation: str | None = None) -> Network:
     import h5py
 
     from lipsdp.io.chain import build_from_arrays as _build
+    from lipsdp.io.chain import named_activations
 
     path = Path(path)
     try:
@@ -145,6 +146,4 @@ def load_mat73(path: str | Path, activation: str | None = None) -> Network:
         raise ModelLoadError(
             f"{path}: not a readable MATLAB v7.3 (HDF5) .mat file ({type(exc).__name__}: {exc})"
         ) from None
-    from lipsdp.io.arrays import _override
-
-    return _build(str(path), weights, biases, _override(str(path), activations, activation) or "relu")
+    return _build(str(path), weights, biases, named_activations(str(path), activations, activation) or "relu")
