@@ -702,8 +702,8 @@ class _ExportGraph(_ExportChain):
         shape = self.layout.shape
         positions = self.layout.positions()
         args, kwargs = list(node.args), dict(node.kwargs)
-        default_dim = 0 if name in ("select", "slice", "unbind", "chunk", "split", "split_with_sizes") else None
-        dim = int(_arg(args, kwargs, 1 if name in ("select", "slice", "unbind") else 2, "dim", default_dim)) % len(shape)
+        # dim is argument 1 of select / slice / unbind, argument 2 of chunk / split (after the sizes); default 0
+        dim = int(_arg(args, kwargs, 1 if name in ("select", "slice", "unbind") else 2, "dim", 0)) % len(shape)
         if dim == 0 and len(shape) > 1:
             raise UnsupportedLayerError(f"{self.source}: {where} takes entries along the batch axis")
         if name == "select":
