@@ -358,11 +358,16 @@ def _torch_models():
             p = x.view(x.shape[0], -1, 2)
             return torch.cat([p.max(dim=-1).values, p.amin(dim=-1)], dim=1)
 
+    class Strided(torch.nn.Module):  # even and odd features by strided slices, interleaved back by stack
+        def forward(self, x):
+            a, b = x[:, 0::2], x[:, 1::2]
+            return torch.stack([torch.maximum(a, b), torch.minimum(a, b)], dim=2).flatten(1)
+
     return {"groupsort4": GroupSort(4), "maxmin": MaxMin(), "groupsort2-desc": GroupSort(2, descending=True),
-            "halves": Halves(), "reductions": Reductions()}
+            "halves": Halves(), "reductions": Reductions(), "strided": Strided()}
 
 
-@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "groupsort2-desc", "halves", "reductions"])
+@pytest.mark.parametrize("kind", ["groupsort4", "maxmin", "groupsort2-desc", "halves", "reductions", "strided"])
 def test_torch_modules_are_read_exactly(kind):
     import torch
 
