@@ -51,6 +51,8 @@ def _slopes_of(act, z: np.ndarray) -> np.ndarray:
         return np.where(z > 0, 1.0, act.param)
     if act.name == "identity":
         return np.ones_like(z)
+    if act.name == "abs":
+        return np.sign(z)
     raise ValueError(f"exact enumeration needs piecewise-linear activations, got {act.name}")
 
 

@@ -32,8 +32,8 @@ from lipsdp.lower import lower_bound
 LONG = os.environ.get("HYPOTHESIS_PROFILE", "default") == "long"
 METHODS = ("naive", "sequential", "layer", "neuron")
 REL = 1e-6
-ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu:0.1", "leaky_relu:0.5", "elu", "softplus", "identity")
-PIECEWISE_LINEAR = ("relu", "leaky_relu:0.1", "leaky_relu:0.5", "identity")
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "leaky_relu:0.1", "leaky_relu:0.5", "elu", "softplus", "identity", "abs")
+PIECEWISE_LINEAR = ("relu", "leaky_relu:0.1", "leaky_relu:0.5", "identity", "abs")
 STRUCTURES = ("dense", "sparse", "duplicated", "rank1", "zero_row")
 
 

@@ -12,11 +12,22 @@ from lipsdp.network import Network
 def sequential(net: Network, **_: object) -> MethodOutput:
     """Verified upper bound from per-layer multipliers chosen greedily (`lmi.sequential_multipliers`).
 
-    Looser than LipSDP-Neuron, never looser than the naive product; cost O(sum n_k^3).
+    Looser than LipSDP-Neuron, never looser than the naive product; cost O(sum n_k^3). With slopes
+    [-1, 1] (|.|, the norm-preserving layers) its layers decouple and the greedy multipliers reach the
+    naive product only up to the margins that keep every block strictly definite: there the naive
+    product is also certified and the smaller bound returned.
     """
     try:
         t = sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
         t = None
     raw = schur_rho(net, t) if t is not None else None
-    return verified_output(net, t, float(np.sqrt(raw)) if raw is not None else float("nan"), "ok", "numpy")
+    out = verified_output(net, t, float(np.sqrt(raw)) if raw is not None else float("nan"), "ok", "numpy")
+    if any(np.any(a < 0) for a in net.alphas):
+        from lipsdp.methods.naive import naive
+
+        product = naive(net)
+        if product.upper < out.upper:
+            product.notes = [*product.notes, "the product of norms was tighter than the layer-by-layer multipliers"]
+            return product
+    return out
