@@ -260,16 +260,17 @@ def test_certificate_of_a_maxmin_net_is_reproved_and_tampering_rejected(tmp_path
     from lipsdp.io.arrays import save_npz
     from lipsdp.verify import verify
 
-    net = groupsort_net([np.eye(4), np.eye(4)])  # L = 1 exactly
+    rng = np.random.default_rng(4)
+    net = groupsort_net([rng.standard_normal((6, 4)), rng.standard_normal((6, 6)), rng.standard_normal((2, 6))])
     save_npz(net, tmp_path / "m.npz")
-    res = lipsdp.estimate(tmp_path / "m.npz", "neuron")
+    res = lipsdp.estimate(tmp_path / "m.npz", "neuron", lower=True, **QUICK_LOWER)
+    assert res.upper < lipsdp.estimate(net, "naive").upper * (1 - 1e-3)  # the LMI proof, not the product
     res.save_certificate(tmp_path / "c.json")
     assert verify(tmp_path / "c.json", tmp_path / "m.npz").accepted
-
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["proof"]["kind"] == "lmi"
     rho = float.fromhex(data["proof"]["rho"])  # in the units of the proof's exact rescaling steps
-    data["proof"]["rho"] = float.hex(rho * (1 - 1e-6))  # would prove L < 1
+    data["proof"]["rho"] = float.hex(rho * (res.lower / res.upper) ** 2 * (1 - 1e-6))  # below the true L^2
     (tmp_path / "t.json").write_text(json.dumps(data))
     assert not verify(tmp_path / "t.json", tmp_path / "m.npz").accepted
     data["proof"]["rho"] = float.hex(rho)
