@@ -157,15 +157,19 @@ def test_notes_record_steps_and_the_reason_to_stop():
     assert int(note.split()[0]) < 100_000
 
 
+def _objective_near_sequential(net):
+    """The anytime objective of the balanced net, at a point near the layer-by-layer multipliers."""
+    bal = Balancing.of(net)
+    obj = _Objective(bal.network(net), "cpu")
+    s = torch.as_tensor(np.log(bal.multipliers(net, sequential_multipliers(net)))) + 0.05
+    return obj, s, obj.point(s)
+
+
 def test_analytic_gradient_matches_finite_differences():
     """d rho*/d t_i = -2 (x_i - a y_i)(x_i - b y_i) on the null vector of F, chained to log t and the
     soft-max smoothing, plus the barrier's t_i tr(R^-1 dR/dt_i); against central differences of the value."""
     for net in (_mixed_net(1), he_network([12, 5, 5, 2], seed=3)):
-        bal = Balancing.of(net)
-        net_b = bal.network(net)
-        obj = _Objective(net_b, "cpu")
-        s = torch.as_tensor(np.log(bal.multipliers(net, sequential_multipliers(net)))) + 0.05
-        point = obj.point(s)
+        obj, s, point = _objective_near_sequential(net)
         assert point is not None
         rng = np.random.default_rng(0)
         for mu, barrier in ((0.0, 0.0), (1e-2 * point.rho, 0.0), (1e-2 * point.rho, 0.1)):
@@ -182,11 +186,7 @@ def test_exact_hessian_matches_finite_differences():
     """The Hessian of log f_mu - eps log det R (spectral-function and Schur-complement terms, the barrier's
     trace formula) against central differences of the analytic gradient."""
     for net in (_mixed_net(1), he_network([12, 5, 5, 2], seed=3)):
-        bal = Balancing.of(net)
-        net_b = bal.network(net)
-        obj = _Objective(net_b, "cpu")
-        s = torch.as_tensor(np.log(bal.multipliers(net, sequential_multipliers(net)))) + 0.05
-        point = obj.point(s)
+        obj, s, point = _objective_near_sequential(net)
         for mu, eps in ((1e-2 * point.rho, 0.0), (1e-3 * point.rho, 1e-3)):
             hess, grad = obj.hessian(point, mu, eps)
             torch.testing.assert_close(grad, obj.gradient(point, mu, eps), rtol=1e-12, atol=1e-14)
