@@ -49,9 +49,11 @@ class _Structure:
         sizes = net.sizes[:-1]
         offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         n0 = sizes[0]
-        # U = [I_0 | per layer: W_{k-1}' on block k-1 (weight columns), unit vectors on block k], kept as
-        # dense blocks for BLAS products: (rows of block k-1, W_{k-1}, weight columns, rows of block k,
-        # unit columns) per hidden layer.
+        # U = [I_0 | weight columns of every neuron | unit columns of every neuron], kept as dense blocks
+        # for BLAS products: (rows of block k-1, W_{k-1}, its weight columns, rows of block k, its unit
+        # columns) per hidden layer. All weight columns (and all unit columns) are contiguous, so G and D
+        # act on two slices at once.
+        n_hidden = net.n_neurons
         self.blocks = []
         col = n0
         for k in range(net.depth):
@@ -62,12 +64,14 @@ class _Structure:
                     net.weights[k],
                     slice(col, col + nk),
                     slice(offs[k + 1], offs[k + 2]),
-                    slice(col + nk, col + 2 * nk),
+                    slice(n_hidden + col, n_hidden + col + nk),
                 )
             )
-            col += 2 * nk
+            col += nk
+        self.w_cols = slice(n0, n0 + n_hidden)
+        self.e_cols = slice(n0 + n_hidden, n0 + 2 * n_hidden)
         self.n0 = n0
-        self.k = col
+        self.k = n0 + 2 * n_hidden
         self.m = 1 + (net.n_neurons if per_neuron else net.depth)
         self.n = int(offs[-1])
         self.n_lin = self.m - 1
@@ -78,6 +82,8 @@ class _Structure:
         self.per_neuron = per_neuron
         self.ab2 = [2.0 * a * b for a, b in zip(net.alphas, net.betas)]
         self.apb = [a + b for a, b in zip(net.alphas, net.betas)]
+        self.ab2_all = np.concatenate(self.ab2) if self.ab2 else np.zeros(0)
+        self.apb_all = np.concatenate(self.apb) if self.apb else np.zeros(0)
         self.last = slice(int(offs[-2]), int(offs[-1]))
 
     def primal_objective(self, x_mat: np.ndarray) -> float:
@@ -87,13 +93,11 @@ class _Structure:
 
     def slack(self, y: np.ndarray) -> np.ndarray:
         """Z = C - A'(y) = F(rho, t), formed densely from its blocks."""
-        t = y[1:] if self.per_neuron else np.repeat(y[1:], self.layer_sizes)
-        return negated_lmi(self.net, float(y[0]), t).dense()
+        return negated_lmi(self.net, float(y[0]), self.expanded(y)).dense()
 
     def adjoint_blocks(self, y: np.ndarray) -> _BlockMatrix:
         """-sum_i y_i A_i = F(y_0, y_1..) - F(0, 0): the linear part of the LMI, block-tridiagonal."""
-        t = y[1:] if self.per_neuron else np.repeat(y[1:], self.layer_sizes)
-        f = negated_lmi(self.net, float(y[0]), t)
+        f = negated_lmi(self.net, float(y[0]), self.expanded(y))
         wl = self.net.weights[-1]
         f.diag[-1] = f.diag[-1] + wl.T @ wl
         return _BlockMatrix(f)
@@ -145,24 +149,44 @@ class _Structure:
                 var += 1
         return out
 
-    def _g_rows(self, m: np.ndarray) -> np.ndarray:
+    def expanded(self, y: np.ndarray) -> np.ndarray:
+        """The multiplier part of y, one entry per hidden neuron (layer mode: repeated over the layer)."""
+        return y[1:] if self.per_neuron else np.repeat(y[1:], self.layer_sizes)
+
+    def g_rows(self, m: np.ndarray) -> np.ndarray:
         """G M: each neuron's 2x2 block G_i applied to its (weight, unit) pair of rows."""
+        w, e = self.w_cols, self.e_cols
+        ab2, apb = self.ab2_all[:, None], self.apb_all[:, None]
         out = np.empty_like(m)
         out[: self.n0] = m[: self.n0]
-        for k, (_, _, cols_w, _, cols_e) in enumerate(self.blocks):
-            mw, me = m[cols_w], m[cols_e]
-            out[cols_w] = self.ab2[k][:, None] * mw - self.apb[k][:, None] * me
-            out[cols_e] = 2.0 * me - self.apb[k][:, None] * mw
+        np.multiply(m[w], ab2, out=out[w])
+        out[w] -= apb * m[e]
+        np.multiply(m[e], 2.0, out=out[e])
+        out[e] -= apb * m[w]
         return out
 
-    def _g_cols(self, m: np.ndarray) -> np.ndarray:
-        """M G (G symmetric), on column slices of a row-major M (no transposed copies)."""
+    def scale_cols(self, m: np.ndarray, d0: float = 1.0, t: np.ndarray | None = None) -> np.ndarray:
+        """M D with D = blockdiag(d0 I_0, t_i G_i per neuron): with d0 = dy_0, t = dy's multipliers,
+        U D U' = dZ (the dual step is never formed densely); with the defaults M G."""
+        w, e = self.w_cols, self.e_cols
+        ab2, apb, two = self.ab2_all, self.apb_all, 2.0
+        if t is not None:
+            ab2, apb, two = ab2 * t, apb * t, 2.0 * t
         out = np.empty_like(m)
+        np.multiply(m[:, : self.n0], d0, out=out[:, : self.n0])
+        np.multiply(m[:, w], ab2, out=out[:, w])
+        out[:, w] -= m[:, e] * apb
+        np.multiply(m[:, e], two, out=out[:, e])
+        out[:, e] -= m[:, w] * apb
+        return out
+
+    def times_ut(self, m: np.ndarray) -> np.ndarray:
+        """M U' for a dense M (rows x K), by dense blocks (BLAS)."""
+        out = np.zeros((m.shape[0], self.n))
         out[:, : self.n0] = m[:, : self.n0]
-        for k, (_, _, cols_w, _, cols_e) in enumerate(self.blocks):
-            mw, me = m[:, cols_w], m[:, cols_e]
-            out[:, cols_w] = self.ab2[k][None, :] * mw - self.apb[k][None, :] * me
-            out[:, cols_e] = 2.0 * me - self.apb[k][None, :] * mw
+        for rows_prev, w, cols_w, rows_k, cols_e in self.blocks:
+            out[:, rows_prev] += m[:, cols_w] @ w
+            out[:, rows_k] += m[:, cols_e]
         return out
 
     def _sum_groups(self, m: np.ndarray) -> np.ndarray:
@@ -180,13 +204,14 @@ class _Structure:
                 var += 1
         return out
 
-    def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
-        p_mat = self.ut_times(xu)
+    def schur(self, xu: np.ndarray, ziu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """H_ij = tr(A_i X A_j Z^-1) summed into variables, from G U'XU G and Q = U'Z^-1U (returned too:
+        the corrector's dZ Z^-1 U is U D Q)."""
         q_mat = self.ut_times(ziu)
-        pg = self._g_cols(self._g_rows(p_mat))  # G P G
+        pg = self.g_rows(self.ut_times(self.scale_cols(xu)))  # G U' X U G (G applied on the n x K side)
         pg *= q_mat
         h = self._sum_groups(self._sum_groups(pg).T)
-        return 0.5 * (h + h.T)
+        return 0.5 * (h + h.T), q_mat
 
 
 class _BlockMatrix:
@@ -238,38 +263,44 @@ class _Iterate:
     x_lin: np.ndarray
     z_lin: np.ndarray
     z_inv: np.ndarray
-    ziu: np.ndarray
+    xu: np.ndarray  # X U
+    ziu: np.ndarray  # Z^-1 U
+    q_mat: np.ndarray  # U' Z^-1 U
     chol_h: tuple
     r_p: np.ndarray
     a_x: np.ndarray
     a_zinv: np.ndarray
     mu: float
 
-    def direction(self, sigma: float, corr_x=None, corr_z=None, corr_lin=None):
-        """HKM Newton direction towards sigma * mu (Mehrotra's second-order term when corr_* given).
+    def direction(self, sigma: float, corr_x=None, corr_dy=None, corr_lin=None):
+        """HKM Newton direction towards sigma * mu (Mehrotra's second-order term when corr_* given:
+        the predictor's dX, its dy and its dx_lin dz_lin / z_lin).
 
-        With zero dual residual: A(dX) = r_p, dZ = -A'(dy), dX = sigma mu Z^-1 - X - X dZ Z^-1 [- corr]."""
+        With zero dual residual: A(dX) = r_p, dZ = -A'(dy), dX = sigma mu Z^-1 - X - X dZ Z^-1 [- corr].
+        Every dZ is U D U' (D = blockdiag(dy_0 I, dy_i G_i)), so its products go through U, never densely."""
         st, mu = self.st, self.mu
         rhs = self.r_p - (sigma * mu * self.a_zinv - self.a_x)
         lin_part = sigma * mu / self.z_lin - self.x_lin
         if corr_x is not None:
-            rhs = rhs + st.a_bilinear(st.times_u(corr_x), corr_z @ self.ziu)
+            corr_xu = st.times_u(corr_x)
+            # dZ_aff Z^-1 U = U D_aff Q
+            dz_ziu = st.times_ut(st.scale_cols(self.q_mat, float(corr_dy[0]), st.expanded(corr_dy))).T
+            rhs = rhs + st.a_bilinear(corr_xu, dz_ziu)
             lin_part = lin_part - corr_lin
         rhs[1:] += lin_part  # A_lin(x) = -x on the multiplier rows
         dy = sla.cho_solve(self.chol_h, rhs, check_finite=False)
-        dz = st.adjoint_blocks(dy)
         dz_lin = dy[1:]
-        prod = dz @ self.x_mat
+        x_dz = st.scale_cols(self.xu, float(dy[0]), st.expanded(dy))  # X U D
         if corr_x is not None:
-            prod += corr_z @ corr_x
-        dx = prod.T @ self.z_inv  # X dZ Z^-1 (+ dX_aff dZ_aff Z^-1): one product with Z^-1
+            x_dz += st.scale_cols(corr_xu, float(corr_dy[0]), st.expanded(corr_dy))
+        dx = st.times_ut(x_dz) @ self.z_inv  # X dZ Z^-1 (+ dX_aff dZ_aff Z^-1): one product with Z^-1
         dx -= sigma * mu * self.z_inv
         dx += self.x_mat
         dx = -0.5 * (dx + dx.T)
         dx_lin = sigma * mu / self.z_lin - self.x_lin - self.x_lin * dz_lin / self.z_lin
         if corr_lin is not None:
             dx_lin = dx_lin - corr_lin
-        return dx, dx_lin, dy, dz, dz_lin
+        return dx, dx_lin, dy, st.adjoint_blocks(dy), dz_lin
 
 
 def _inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
@@ -280,12 +311,12 @@ def _inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
     return np.tril(inv) + np.tril(inv, -1).T
 
 
-def _is_pd(a: np.ndarray) -> bool:
+def _cholesky_lower(a: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor of a, or None when a is not (numerically) positive definite."""
     try:
-        np.linalg.cholesky(a)
+        return np.linalg.cholesky(a)
     except np.linalg.LinAlgError:
-        return False
-    return True
+        return None
 
 
 def _max_step(lower: np.ndarray, dx: np.ndarray) -> float:
@@ -462,7 +493,9 @@ def _solve_balanced(
     y = np.concatenate([[rho0], t0])
     for _ in range(60):
         z_mat = st.slack(y)
-        if _is_pd(z_mat):
+        z_mat = 0.5 * (z_mat + z_mat.T)
+        lz = _cholesky_lower(z_mat)
+        if lz is not None:
             break
         y[0] *= 2.0
     else:
@@ -470,6 +503,7 @@ def _solve_balanced(
     z_lin = y[1:].copy()
     xi = max(10.0, np.sqrt(n))
     x_mat = xi * np.eye(n)
+    lx = np.sqrt(xi) * np.eye(n)
     x_lin = xi * np.ones(nl)
     n_total = n + nl
     status = "max_iterations"
@@ -478,10 +512,8 @@ def _solve_balanced(
     it = 0
     for it in range(1, max_iter + 1):
         try:
+            # lx, lz: the Cholesky factors of X and Z, kept from the step that accepted them
             xu = st.times_u(x_mat)
-            chol_z = sla.cho_factor(z_mat, lower=True, check_finite=False)
-            lz = np.tril(chol_z[0])
-            lx = np.linalg.cholesky(x_mat)
             z_inv = _inverse_from_cholesky(lz)
             ziu = st.times_u(z_inv)
             # residuals
@@ -505,7 +537,7 @@ def _solve_balanced(
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 status = "time_limit"
                 break
-            h = st.schur(xu, ziu)
+            h, q_mat = st.schur(xu, ziu)
             h[1:, 1:] += np.diag(x_lin / z_lin)
             try:
                 chol_h = sla.cho_factor(h, lower=True, check_finite=False)
@@ -517,7 +549,7 @@ def _solve_balanced(
                     status = "numerical_error"
                     break
             it_data = _Iterate(
-                st, x_mat, x_lin, z_lin, z_inv, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
+                st, x_mat, x_lin, z_lin, z_inv, xu, ziu, q_mat, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
             )
             dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
             ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
@@ -528,29 +560,33 @@ def _solve_balanced(
                 + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
             ) / n_total
             sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
-            dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
+            dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dy, dx_lin * dz_lin / z_lin)
             gamma = 0.9 + 0.09 * min(ap, ad)
             ap = min(1.0, gamma * _max_step(lx, dx), gamma * _max_step_lin(x_lin, dx_lin))
             ad = min(1.0, gamma * _max_step(lz, dz), gamma * _max_step_lin(z_lin, dz_lin))
             for _ in range(30):
-                x_new = x_mat + ap * dx
-                if _is_pd(x_new):
+                x_new = x_mat + ap * dx  # exactly symmetric: X and dX are
+                lx_new = _cholesky_lower(x_new)
+                if lx_new is not None:
                     break
                 ap *= 0.5
-            x_mat = x_new
+            else:
+                status = "stalled"
+                break
+            x_mat, lx = x_new, lx_new
             x_lin = x_lin + ap * dx_lin
             for _ in range(30):
                 y_new = y + ad * dy
                 z_new = st.slack(y_new)
-                if np.all(y_new[1:] > 0) and _is_pd(z_new):
+                z_new = 0.5 * (z_new + z_new.T)
+                lz_new = _cholesky_lower(z_new) if np.all(y_new[1:] > 0) else None
+                if lz_new is not None:
                     break
                 ad *= 0.5
             else:
                 status = "stalled"
                 break
-            y, z_mat, z_lin = y_new, z_new, y_new[1:].copy()
-            x_mat = 0.5 * (x_mat + x_mat.T)
-            z_mat = 0.5 * (z_mat + z_mat.T)
+            y, z_mat, z_lin, lz = y_new, z_new, y_new[1:].copy(), lz_new
         except (np.linalg.LinAlgError, ValueError):
             status = "numerical_error"  # the last accepted y is still dual feasible
             break
