@@ -96,6 +96,7 @@ class Node:
     # groupsort, householder: (groups, g) disjoint input positions
     descending: bool = False  # groupsort
     vectors: np.ndarray | None = field(default=None, repr=False)  # householder: (groups, g)
+    operator: object | None = field(default=None, repr=False)  # affine: its structured form (lipsdp.conv)
 
 
 class Graph:
@@ -125,8 +126,11 @@ class Graph:
         self.output = len(self.nodes) - 1
         return self.output
 
-    def affine(self, src: int, weight: np.ndarray, bias: np.ndarray | None = None, where: str = "") -> int:
-        """W v + b (a 1-D `weight` is a diagonal map)."""
+    def affine(
+        self, src: int, weight: np.ndarray, bias: np.ndarray | None = None, where: str = "", operator: object = None
+    ) -> int:
+        """W v + b (a 1-D `weight` is a diagonal map); `operator`: W's structured form when known (e.g. a
+        `lipsdp.conv.Conv2d` whose matrix is W), kept on the lowered layer that is exactly W."""
         (src,) = self._check([src], where)
         w = np.asarray(weight, dtype=np.float64)
         n_in = self.size(src)
@@ -136,7 +140,7 @@ class Graph:
         b = np.zeros(n_out) if bias is None else np.broadcast_to(np.asarray(bias, dtype=np.float64), (n_out,)).copy()
         if not (np.all(np.isfinite(w)) and np.all(np.isfinite(b))):
             raise InvalidNetworkError(f"{where}: weight or bias contains NaN or infinite values")
-        return self._push(Node("affine", (src,), n_out, where, weight=w, bias=b))
+        return self._push(Node("affine", (src,), n_out, where, weight=w, bias=b, operator=operator))
 
     def constant(self, value: np.ndarray, where: str = "") -> int:
         v = np.asarray(value, dtype=np.float64).reshape(-1)
@@ -320,6 +324,7 @@ class _Expr:
     cols: np.ndarray
     a: np.ndarray | None
     c: np.ndarray
+    op: object | None = None  # the structured operator whose matrix `a` is, on every neuron of the level
 
     @property
     def rows(self) -> int:
@@ -482,7 +487,10 @@ class _Lowering:
         self.layer(level).base = act
         return _Expr(level, self.neurons(level, e, False), None, np.zeros(e.rows))
 
-    def affine(self, e: _Expr, w: np.ndarray, b: np.ndarray) -> _Expr:
+    def affine(self, e: _Expr, w: np.ndarray, b: np.ndarray, operator: object = None) -> _Expr:
+        whole = e.a is None and np.array_equal(e.cols, np.arange(self.layers[e.level].size))
+        if operator is not None and whole and w.ndim == 2:
+            return _Expr(e.level, e.cols, w, w @ e.c + b, operator)
         if w.ndim == 2 and e.a is not None and e.a.ndim == 2:
             used = int(np.count_nonzero(np.any(e.a != 0, axis=0)))
             if w.shape[0] * used > w.size + e.rows * used:  # the product would outgrow its factors
@@ -549,9 +557,10 @@ class _Lowering:
         depth = len(self.layers) - 1
         out = self.carry(out, depth)
         sizes = [layer.size for layer in self.layers]
-        weights, biases, acts = [], [], []
+        weights, biases, acts, ops = [], [], [], []
         for level in range(1, depth + 1):
             layer = self.layers[level]
+            ops.append(_whole_operator(layer.blocks, sizes[level - 1]))
             w = np.zeros((layer.size, sizes[level - 1]))
             b = np.zeros(layer.size)
             identity = []
@@ -574,7 +583,16 @@ class _Lowering:
         _scatter(w, np.arange(out.rows), out.cols, out)
         weights.append(w)
         biases.append(out.c.copy())
-        return Network.from_arrays(weights, acts, biases)
+        ops.append(_whole_operator([_Block(0, out, False)], sizes[depth]))
+        return Network.from_arrays(weights, acts, biases, ops)
+
+
+def _whole_operator(blocks: list[_Block], n_in: int) -> object | None:
+    """The structured operator of a layer made of one block whose matrix is exactly that operator's."""
+    if len(blocks) != 1 or blocks[0].passthrough or blocks[0].pre.op is None:
+        return None
+    pre = blocks[0].pre
+    return pre.op if np.array_equal(pre.cols, np.arange(n_in)) else None
 
 
 def _fused_activations(graph: Graph, live: set[int]) -> set[int]:
@@ -613,7 +631,7 @@ def to_network(graph: Graph) -> Network:
         elif node.op == "const":
             values[i] = _Expr(0, np.zeros(0, dtype=np.int64), np.zeros((node.size, 0)), node.bias.copy())
         elif node.op == "affine":
-            values[i] = low.affine(values[node.inputs[0]], node.weight, node.bias)
+            values[i] = low.affine(values[node.inputs[0]], node.weight, node.bias, node.operator)
         elif node.op == "act":
             values[i] = low.activate(values[node.inputs[0]], node.activation)
         elif node.op in ("add", "concat"):

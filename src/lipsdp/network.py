@@ -29,6 +29,10 @@ class Network:
     activations: tuple[Activation, ...]
     alphas: tuple[np.ndarray, ...] = field(repr=False)
     betas: tuple[np.ndarray, ...] = field(repr=False)
+    # Where a loader knows it: the structured operator a weight came from (e.g. `lipsdp.conv.Conv2d`), one
+    # entry per weight or empty. A hint only: methods use one after checking `operator.matches(weight)`,
+    # so a transform that changes the weights (and keeps this field) can never make them use a stale one.
+    operators: tuple[object | None, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_arrays(
@@ -36,10 +40,12 @@ class Network:
         weights: Sequence[np.ndarray],
         activations: str | Activation | Sequence[str | Activation] = "relu",
         biases: Sequence[np.ndarray | None] | None = None,
+        operators: Sequence[object | None] | None = None,
     ) -> Network:
         """Validate and build a network from (n_out, n_in) weight matrices.
 
-        `activations` is one name for every hidden layer or one per hidden layer (len(weights) - 1).
+        `activations` is one name for every hidden layer or one per hidden layer (len(weights) - 1);
+        `operators` optionally names the structured operator of each weight (see the field).
         """
         weights = [np.asarray(w) for w in weights]
         if len(weights) == 0:
@@ -90,7 +96,16 @@ class Network:
         slopes = [acts[k].slope_vectors(ws[k].shape[0]) for k in range(hidden)]  # per neuron (Mixed layers)
         alphas = tuple(a for a, _ in slopes)
         betas = tuple(b for _, b in slopes)
-        return cls(tuple(ws), tuple(bs), acts, alphas, betas)
+        ops = tuple(operators) if operators is not None and any(op is not None for op in operators) else ()
+        if ops and len(ops) != len(ws):
+            raise InvalidNetworkError(f"{len(ws)} weight matrices but {len(ops)} operators")
+        return cls(tuple(ws), tuple(bs), acts, alphas, betas, ops)
+
+    def operator(self, k: int) -> object | None:
+        """The structured operator of weight k when one is recorded and its matrix is exactly that weight."""
+        op = self.operators[k] if k < len(self.operators) else None
+        matches = getattr(op, "matches", None)
+        return op if matches is not None and matches(self.weights[k]) else None
 
     # -- shape -------------------------------------------------------------------------------
     @property

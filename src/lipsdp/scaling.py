@@ -124,7 +124,13 @@ def rescale(net: Network, exponents: list[int] | None = None) -> Rescaled:
     for k, b in enumerate(net.biases):
         scaled = np.ldexp(b, int(prefix[k]))
         biases.append(scaled if np.all(np.isfinite(scaled)) else np.zeros_like(b))
-    return Rescaled(replace(net, weights=tuple(weights), biases=tuple(biases)), tuple(int(e) for e in exps))
+    # a structured operator (a convolution) scales with its weight, exactly
+    ops = ()
+    if len(net.operators) == len(net.weights):  # (a transform that changed the layers left a stale tuple)
+        ops = tuple(op.scaled(e) if e and hasattr(op, "scaled") else op for op, e in zip(net.operators, exps))
+    return Rescaled(
+        replace(net, weights=tuple(weights), biases=tuple(biases), operators=ops), tuple(int(e) for e in exps)
+    )
 
 
 def fold_linear_layers(net: Network) -> Network:

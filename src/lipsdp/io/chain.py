@@ -60,9 +60,10 @@ def compose_activations(first: Activation, second: Activation) -> Activation:
 class _Affine:
     """x -> w x + b, where a 1-D `w` stands for diag(w) (kept lazy: batch-norms of conv layers are big)."""
 
-    def __init__(self, w: np.ndarray, b: np.ndarray) -> None:
+    def __init__(self, w: np.ndarray, b: np.ndarray, op: object = None) -> None:
         self.w = np.asarray(w, dtype=np.float64)
         self.b = np.array(b, dtype=np.float64).reshape(-1)
+        self.op = op  # the structured operator whose matrix w is (a composition has none)
 
     @property
     def n_out(self) -> int:
@@ -103,11 +104,11 @@ class ChainBuilder:
         self.pending: Activation | None = None  # activation(s) after `current`
         self.size: int | None = None  # current feature count
 
-    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str) -> None:
-        """Append x -> w x + b (w 2-D, or 1-D for a diagonal map)."""
+    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str, operator: object = None) -> None:
+        """Append x -> w x + b (w 2-D, or 1-D for a diagonal map; `operator`: w's structured form)."""
         w = np.asarray(w, dtype=np.float64)
         b = np.zeros(w.shape[0]) if b is None else np.broadcast_to(np.asarray(b, dtype=np.float64), (w.shape[0],))
-        step = _Affine(w, b)
+        step = _Affine(w, b, operator)
         if self.size is not None and step.n_in != self.size:
             raise UnsupportedLayerError(
                 f"{self.source}: {where} expects {step.n_in} input features but receives {self.size}"
@@ -152,7 +153,7 @@ class ChainBuilder:
             acts.append(self.pending)
             layers.append(_Affine(np.ones(self.current.n_out), np.zeros(self.current.n_out)))
         weights, biases = zip(*(layer.dense() for layer in layers))
-        return Network.from_arrays(list(weights), acts, list(biases))
+        return Network.from_arrays(list(weights), acts, list(biases), [layer.op for layer in layers])
 
 
 class GraphBuilder:
@@ -166,13 +167,13 @@ class GraphBuilder:
         self.where = where
         self.size = graph.size(current)
 
-    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str) -> None:
+    def affine(self, w: np.ndarray, b: np.ndarray | None, where: str, operator: object = None) -> None:
         w = np.asarray(w, dtype=np.float64)
         if w.shape[-1] != self.size:
             raise UnsupportedLayerError(
                 f"{self.source}: {where} expects {w.shape[-1]} input features but receives {self.size}"
             )
-        self.current = self.graph.affine(self.current, w, b, where)
+        self.current = self.graph.affine(self.current, w, b, where, operator)
         self.size = self.graph.size(self.current)
 
     def activation(self, act: Activation) -> None:

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 
 from lipsdp.activations import activation
+from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
 from lipsdp.io.unroll import (
     avgpool2d_matrix,
-    conv2d_matrix,
     conv_output_size,
     maxpool2d_windows,
     pad_matrix,
@@ -115,9 +115,12 @@ class _OnnxChain:
             raise UnsupportedLayerError(f"{where}: needs an (N, C, H, W) input, but the tensor has shape {self.shape}")
         return self.shape[1:]  # type: ignore[return-value]
 
-    def dense(self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str) -> None:
+    def dense(
+        self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str, operator: object = None
+    ) -> None:
         """A dense map of the tensor (C order); its output is a fresh tensor of `shape`."""
-        self.builder.affine(self.layout.columns(matrix), bias, where)
+        # the operator (e.g. a Conv2d) acts on the tensor in C order: kept only while that is the vector's order
+        self.builder.affine(self.layout.columns(matrix), bias, where, operator if self.layout.index is None else None)
         self.layout.settle(shape)
 
     def diagonal(self, scale: np.ndarray, shift: np.ndarray | None, where: str) -> None:
@@ -304,13 +307,14 @@ class _OnnxChain:
             raise UnsupportedLayerError(f"{where}: only 2-D convolutions are supported (kernel shape {weight.shape})")
         dilation = tuple(attrs.get("dilations", (1, 1)))
         strides, pads = self._window(attrs, weight.shape[2:], dilation, where)
-        matrix, shape = conv2d_matrix(
+        op = Conv2d.make(
             weight, self.image(where), stride=strides, padding=pads, dilation=dilation, groups=int(attrs.get("group", 1))
         )
+        matrix, shape = op.dense(), op.out_shape
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = np.repeat(self.const(node.input[2], where), shape[1] * shape[2])
-        self.dense(matrix, bias, (1, *shape), where)
+        self.dense(matrix, bias, (1, *shape), where, op)
 
     def avgpool(self, node: Any, attrs: dict[str, Any], where: str) -> None:
         shape = self.image(where)

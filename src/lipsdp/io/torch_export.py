@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from lipsdp.activations import activation
+from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
-from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix, maxpool2d_windows, pad_matrix
+from lipsdp.io.unroll import avgpool2d_matrix, maxpool2d_windows, pad_matrix
 from lipsdp.network import Network
 
 SUPPORTED_OPS = (
@@ -337,8 +338,11 @@ class _ExportChain:
                 f"{self.source}: {where} is not supported{hint}; lipsdp reads graphs of {SUPPORTED_OPS}"
             )
 
-    def dense(self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str) -> None:
-        self.builder.affine(self.layout.columns(matrix), bias, where)
+    def dense(
+        self, matrix: np.ndarray, bias: np.ndarray | None, shape: tuple[int, ...], where: str, operator: object = None
+    ) -> None:
+        # the operator (e.g. a Conv2d) acts on the tensor in C order: kept only while that is the vector's order
+        self.builder.affine(self.layout.columns(matrix), bias, where, operator if self.layout.index is None else None)
         self.layout.settle(shape)
 
     def pad(self, name: str, args: list, kwargs: dict, out_shape, where: str) -> None:
@@ -431,10 +435,11 @@ class _ExportChain:
                 totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
                 padding = (totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2)
         image = self.image(where)
-        matrix, shape = conv2d_matrix(weight, image, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        op = Conv2d.make(weight, image, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        matrix, shape = op.dense(), op.out_shape
         self.check_shape(shape, out_shape, where)
         full = np.repeat(_numpy(bias), shape[1] * shape[2]) if bias is not None else None
-        self.dense(matrix, full, out_shape, where)
+        self.dense(matrix, full, out_shape, where, op)
 
     def avgpool(self, name: str, args: list, kwargs: dict, out_shape, where: str) -> None:
         image = self.image(where)

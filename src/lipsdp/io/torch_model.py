@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from lipsdp.activations import Activation, activation
+from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.io.chain import ChainBuilder
-from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix
+from lipsdp.io.unroll import avgpool2d_matrix
 from lipsdp.network import Network
 
 SUPPORTED_MODULES = (
@@ -145,12 +146,13 @@ class _TorchChain:
             elif padding == "same":
                 totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
                 padding = (totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2)
-            matrix, self.shape = conv2d_matrix(
+            op = Conv2d.make(
                 _numpy(module.weight), shape, stride=module.stride, padding=padding, dilation=module.dilation,
                 groups=module.groups,
             )
+            matrix, self.shape = op.dense(), op.out_shape
             bias = None if module.bias is None else np.repeat(_numpy(module.bias), self.shape[1] * self.shape[2])
-            b.affine(matrix, bias, name)
+            b.affine(matrix, bias, name, op)
         elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
             shape = self.image_shape(index, module)
             if isinstance(module, nn.AdaptiveAvgPool2d):
