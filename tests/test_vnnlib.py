@@ -204,6 +204,17 @@ def test_tiny_box_is_certified_by_global_pair_bounds(tmp_path):
     # The bound used is the global one: valid anywhere, so also larger than the local one on the 0.03 box.
     local = certify_properties(MNIST_NET, [MNISTFC / "prop_11_0.03.vnnlib"], method="naive", bound="local")[0]
     assert all(cert.lipschitz[j] >= local.lipschitz[j] for j in local.lipschitz)
+    # bound='global': sqrt(2) times one bound of the whole network, for every class pair (never below the
+    # pair's own bound: ||f_i - f_j|| <= sqrt(2) ||f||)
+    import lipsdp
+
+    (whole,) = certify_properties(MNIST_NET, [path], method="naive", bound="global")
+    upper = lipsdp.estimate(MNIST_NET, "naive").upper
+    assert sorted(whole.lipschitz) == sorted(cert.lipschitz)
+    for j, value in whole.lipschitz.items():
+        assert value == pytest.approx(np.sqrt(2.0) * upper, rel=1e-15) and value >= np.sqrt(2.0) * upper
+        assert value >= cert.lipschitz[j]
+    assert whole.certified == all(cert.margins[j] > whole.lipschitz[j] * cert.radius for j in cert.margins)
 
 
 @needs_realnets
@@ -235,8 +246,8 @@ def test_cli_certifies_vnnlib_properties():
     assert payload["properties"][0]["label"] == 0
     table = CliRunner().invoke(app, ["certify", str(MNIST_NET), *paths, "--bound", "local", "--method", "naive"])
     assert table.exit_code == 0 and "1 of 2 properties certified" in table.stdout
-    refused = CliRunner().invoke(app, ["certify", str(MNIST_NET), paths[0], "--bound", "global"])
-    assert refused.exit_code == 2 and "'pair' or 'local'" in refused.output
+    refused = CliRunner().invoke(app, ["certify", str(MNIST_NET), paths[0], "--bound", "box"])
+    assert refused.exit_code == 2 and "'pair', 'global' or 'local'" in refused.output
 
 
 @needs_realnets

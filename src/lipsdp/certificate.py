@@ -71,11 +71,31 @@ def block_cholesky_succeeds(f: BlockTridiagonal, shift: float) -> float | None:
     return trace
 
 
-def prove_positive_definite(net: Network, rho: float, t: np.ndarray) -> float | None:
+def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, BlockTridiagonal]:
+    """F(0, T) and its absolute-value form: F(rho, T) is F(0, T) with rho added to the input block's
+    diagonal, bit for bit as `negated_lmi` forms it (block + rho I), so one pair serves every rho."""
+    return negated_lmi(net, 0.0, t), negated_lmi(net, 0.0, t, absolute=True)
+
+
+def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
+    return BlockTridiagonal([f0.diag[0] + rho * np.eye(f0.diag[0].shape[0])] + f0.diag[1:], f0.upper)
+
+
+def prove_positive_definite(
+    net: Network,
+    rho: float,
+    t: np.ndarray,
+    forms: tuple[BlockTridiagonal, BlockTridiagonal] | None = None,
+    headroom: float | None = None,
+) -> float | None:
     """Prove F(rho, T) positive definite in exact arithmetic; return a proven lower bound on its smallest
-    eigenvalue (> 0), or None if the proof does not go through."""
-    f = negated_lmi(net, rho, t)
-    f_abs = negated_lmi(net, abs(rho), t, absolute=True)
+    eigenvalue (> 0), or None if the proof does not go through.
+
+    `forms`: `lmi_forms(net, t)` when several rho are tried for one T. `headroom`: an estimate of
+    lambda_min(F(rho, T)) (rho - rho*(T)); when the rounding margin is far above it the proof cannot
+    succeed and the factorisation is skipped (a shortcut only: it never turns a failure into a proof)."""
+    f0, f0_abs = lmi_forms(net, t) if forms is None else forms
+    f, f_abs = _with_rho(f0, rho), _with_rho(f0_abs, abs(rho))
     n = f.size
     inner = max(max(net.sizes), 1) + 6
     g_form = _gamma(2 * inner)
@@ -90,6 +110,8 @@ def prove_positive_definite(net: Network, rho: float, t: np.ndarray) -> float | 
     shift = 2.0 * (e + g_chol * trace_abs + UNIT_ROUNDOFF * max_diag)
     if shift == 0.0:
         shift = 1e-300
+    if headroom is not None and shift > 4.0 * headroom:
+        return None  # success needs lambda_min(F) above about shift / 2
     trace = block_cholesky_succeeds(f, shift)
     if trace is None:
         return None
@@ -130,6 +152,7 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     inflated = t * _layer_inflation(net, TIGHT_BLOCK_INFLATION) if net.depth else t
     recipes = [(t, True), (t, False), (inflated, True), (inflated, False)]
     prepared: dict[int, tuple | None] = {}
+    forms: dict[int, tuple] = {}
     for inflation in RHO_INFLATIONS:
         for k, (t_k, equilibrate) in enumerate(recipes):
             if k > 0 and inflation == RHO_INFLATIONS[0]:
@@ -137,7 +160,9 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
             if k not in prepared:
                 prepared[k] = _prepared(net, t_k, equilibrate)
             if prepared[k] is not None:
-                cert = _prove_at(net, *prepared[k], inflation)
+                if k not in forms:
+                    forms[k] = lmi_forms(prepared[k][1], prepared[k][2])
+                cert = _prove_at(net, *prepared[k], inflation, forms[k])
                 if cert is not None:
                     return cert
     log.debug("certificate failed at every inflation")
@@ -173,10 +198,12 @@ def _prepared(net: Network, t: np.ndarray, equilibrate: bool = True):
     return bal, net_b, t_b, rho_star
 
 
-def _prove_at(net: Network, bal, net_b: Network, t_b: np.ndarray, rho_star: float, inflation: float) -> Certificate | None:
+def _prove_at(
+    net: Network, bal, net_b: Network, t_b: np.ndarray, rho_star: float, inflation: float, forms=None
+) -> Certificate | None:
     scale = max(rho_star, 1e-200)  # a zero network still needs rho > 0 for a strict proof
     rho_b = rho_star + inflation * scale
-    proven = prove_positive_definite(net_b, rho_b, t_b)
+    proven = prove_positive_definite(net_b, rho_b, t_b, forms, headroom=rho_b - rho_star)
     if proven is None:
         return None
     rho = bal.original_rho(rho_b)  # exact: division by a power of two

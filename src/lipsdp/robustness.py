@@ -9,6 +9,7 @@ change the prediction. A global bound L gives L_cj <= sqrt(2) L, hence the radiu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lipsdp.certificate import certified_product
 from lipsdp.errors import LipSDPError
 from lipsdp.network import Network, pair_network
 
@@ -253,7 +255,8 @@ def certify_properties(
     """Check VNN-LIB robustness properties (paths, or `lipsdp.io.vnnlib.VnnlibProperty`) by Lipschitz margins.
 
     bound='pair': one verified bound of f_label - f_j per class pair, shared by all properties (cheap when
-    there are many properties); bound='local': a bound of f_label - f_j valid on each property's box
+    there are many properties); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
+    f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks); bound='local': a bound of f_label - f_j valid on each property's box
     (`estimate(..., region=Box(low, high), pair=...)`, tighter, one per property and target). The
     certificate is sound: a certified property has no counter-example in its box. Margins come from float64
     logits at the box centre, reduced by a rounding allowance before the comparison.
@@ -263,8 +266,8 @@ def certify_properties(
     from lipsdp.io.vnnlib import VnnlibProperty, read_vnnlib
     from lipsdp.region import Box
 
-    if bound not in ("pair", "local"):
-        raise LipSDPError(f"bound must be 'pair' or 'local' for VNN-LIB properties, got {bound!r}")
+    if bound not in ("pair", "global", "local"):
+        raise LipSDPError(f"bound must be 'pair', 'global' or 'local' for VNN-LIB properties, got {bound!r}")
     net = load_network(model, **({} if input_shape is None else {"input_shape": input_shape}))
     props = [p if isinstance(p, VnnlibProperty) else read_vnnlib(p) for p in properties]
     n_in, n_out = net.sizes[0], net.sizes[-1]
@@ -287,6 +290,10 @@ def certify_properties(
         log.info("certify_properties: %d class pairs to bound", len(needed))
         results = pair_bounds(net, needed, method, workers=workers, executor=executor, **options)
         global_bounds = {pair: r.upper for pair, r in results.items()}
+    whole = None
+    if bound == "global" and any(int(np.argmax(y)) == p.label for p, y in zip(props, logits)):
+        upper = estimate(net, method, workers=workers, executor=executor, **options).upper
+        whole = certified_product([upper, math.nextafter(math.sqrt(2.0), math.inf)])
     out = []
     tiny = 64 * np.finfo(np.float64).eps
     for prop, y in zip(props, logits):
@@ -301,6 +308,8 @@ def certify_properties(
                 break  # local bounds cost a solve each: stop at the first class that fails
             if bound == "pair":
                 lipschitz[j] = global_bounds[(min(label, j), max(label, j))]
+            elif bound == "global":
+                lipschitz[j] = whole
             else:
                 lipschitz[j] = estimate(net, method, pair=(label, j), region=region, workers=workers,
                                         executor=executor, **options).upper
