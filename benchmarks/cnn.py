@@ -1,0 +1,92 @@
+"""CNN benchmark: the CIFAR-10 / MNIST CNNs of ../shared/realnets/cnn, each tier's verified bound, its time
+and peak memory, and the VNN-LIB properties its global bound certifies.
+
+    python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool] [--tiers naive sequential]
+                             [--timeout 600]
+
+Each (net, tier) runs in a fresh spawned process (peak memory = its max RSS; a run past --timeout is killed
+and reported as such). A run is `lipsdp certify NET PROPS --bound global --method TIER`: one verified bound L
+of the whole network, and a property counts as certified when every margin f_label - f_j at the box centre
+exceeds sqrt(2) L times the box's l2 radius. "bound" is that L (read back from the certificate); "lower" is
+the largest Jacobian norm `lipsdp.lower_bound` finds (64 samples, 20 ascent steps), in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import resource
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ROOT.parent / "shared" / "realnets" / "cnn"
+PROPS = ROOT.parent / "shared" / "realnets" / "vnnlib"
+NETS = {"cifar_base_kw": "oval21", "resnet_2b": "resnet2b", "Convnet_maxpool": "maxpool"}
+
+
+def _certify(net: str, tier: str, queue) -> None:
+    from lipsdp.robustness import certify_properties
+
+    props = sorted((PROPS / NETS[net]).glob("*.vnnlib"))
+    start = time.perf_counter()
+    results = certify_properties(CNN / f"{net}.onnx", props, method=tier, bound="global")
+    seconds = time.perf_counter() - start
+    bounds = [v for r in results for v in r.lipschitz.values()]
+    upper = max(bounds) / math.sqrt(2.0) if bounds else float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    queue.put((upper, seconds, peak, sum(r.certified for r in results), len(results)))
+
+
+def _lower(net: str, queue) -> None:
+    import lipsdp
+
+    start = time.perf_counter()
+    value = lipsdp.lower_bound(lipsdp.load_network(CNN / f"{net}.onnx"), samples=64, steps=20).value
+    queue.put((value, time.perf_counter() - start))
+
+
+def run(target, args, timeout: float):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=timeout)
+    except Exception:  # noqa: BLE001 - queue.Empty: past the time limit (or the process died)
+        return None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nets", nargs="+", default=list(NETS))
+    parser.add_argument("--tiers", nargs="+", default=["naive", "sequential"])
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    if not CNN.is_dir():
+        raise SystemExit(f"{CNN} is absent")
+    print("| net | tier | verified bound L | lower | L / lower | s (bound + certification) | peak MiB | certified |")
+    print("|---|---|---|---|---|---|---|---|")
+    for net in args.nets:
+        low = run(_lower, (net,), args.timeout)
+        lower = low[0] if low else float("nan")
+        for tier in args.tiers:
+            out = run(_certify, (net, tier), args.timeout)
+            if out is None:
+                print(f"| {net} | {tier} | no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - |", flush=True)
+                continue
+            upper, seconds, peak, certified, total = out
+            print(
+                f"| {net} | {tier} | {upper:.6g} | {lower:.4g} | {upper / lower:.3g} | {seconds:.1f} | {peak:.0f} | "
+                f"{certified}/{total} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
