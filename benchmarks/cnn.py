@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import time
 from pathlib import Path
@@ -41,9 +42,10 @@ def _certify(net: str, tier: str, queue) -> None:
 
 def _lower(net: str, queue) -> None:
     import lipsdp
+    from lipsdp.lower import lower_bound
 
     start = time.perf_counter()
-    value = lipsdp.lower_bound(lipsdp.load_network(CNN / f"{net}.onnx"), samples=64, steps=20).value
+    value = lower_bound(lipsdp.load_network(CNN / f"{net}.onnx"), samples=64, steps=20).value
     queue.put((value, time.perf_counter() - start))
 
 
@@ -52,9 +54,14 @@ def run(target, args, timeout: float):
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
+    start = time.perf_counter()
     try:
-        return queue.get(timeout=timeout)
-    except Exception:  # noqa: BLE001 - queue.Empty: past the time limit (or the process died)
+        while time.perf_counter() - start < timeout:
+            try:
+                return queue.get(timeout=1.0)
+            except queue_module.Empty:
+                if not proc.is_alive():  # died without an answer (an error is printed by the child)
+                    return None
         return None
     finally:
         if proc.is_alive():

@@ -155,3 +155,27 @@ def test_cifar_convolutions_bounded_by_their_kernels():
         upper = op.norm_upper()
         estimate = op.norm_estimate()
         assert estimate <= upper <= 1.02 * estimate
+
+
+def test_holder_bound_is_a_bound_and_exact_on_selections():
+    from lipsdp.methods.naive import holder_bound
+
+    for shape in [(7, 5), (3, 11), (20, 20)]:
+        w = RNG.standard_normal(shape)
+        assert holder_bound(w) >= float(np.linalg.norm(w, 2))
+    selection = np.eye(6)[[3, 1, 4, 0, 5, 2]]  # a permutation: norm 1
+    assert 1.0 <= holder_bound(selection) <= 1.0 + 1e-14
+    # the comparator rows of a lowered max: (a + b) / 2 and (a - b) / 2 of disjoint pairs, norm 1 / sqrt(2)
+    comparator = np.kron(np.eye(3), np.array([[0.5, 0.5], [0.5, -0.5]]))
+    assert math.sqrt(0.5) <= float(np.linalg.norm(comparator, 2)) <= holder_bound(comparator) <= 1.0 + 1e-14
+
+
+def test_naive_on_layers_too_large_for_a_dense_certificate(monkeypatch):
+    net = lipsdp.Network.from_arrays([RNG.standard_normal((6, 2)), np.kron(np.eye(3), [[0.5, 0.5]]),
+                                      RNG.standard_normal((2, 3))], "relu")
+    dense = lipsdp.estimate(net, "naive").upper
+    monkeypatch.setattr(naive_module, "DENSE_NORM_SIDE", 2)  # the middle layer (3 x 6) by Hoelder only
+    res = lipsdp.estimate(net, "naive")
+    exact_product = math.prod(float(np.linalg.norm(w, 2)) for w in net.weights)
+    assert exact_product <= dense <= res.upper
+    assert res.upper == pytest.approx(dense, rel=1e-12)  # Hoelder is exact on that pairing layer
