@@ -12,7 +12,6 @@ anytime / neuron and anytime / sdp_lower (its proven distance to the optimum). S
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _process import run_spawned
 from scale import label, random_net
 
 REALNETS = Path(__file__).resolve().parents[2] / "shared" / "realnets" / "fc"
@@ -44,18 +44,7 @@ def _run(model, method: str, options: dict, threads: int | None, queue) -> None:
 
 
 def run(model, method: str, options: dict, threads: int | None, timeout: float):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(model, method, options, threads, queue))
-    proc.start()
-    try:
-        return queue.get(timeout=timeout)
-    except Exception:  # noqa: BLE001 - queue.Empty: too slow, or the run died
-        return None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+    return run_spawned(_run, (model, method, options, threads), timeout)
 
 
 def main() -> None:

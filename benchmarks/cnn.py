@@ -1,8 +1,8 @@
 """CNN benchmark: the CIFAR-10 / MNIST CNNs of ../shared/realnets/cnn, each tier's verified bound, its time
 and peak memory, and the VNN-LIB properties its global bound certifies.
 
-    python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool] [--tiers naive sequential]
-                             [--timeout 600]
+    python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool]
+                             [--tiers naive sequential anytime] [--budget 240] [--timeout 600]
 
 Each (net, tier) runs in a fresh spawned process (peak memory = its max RSS; a run past --timeout is killed
 and reported as such). A run is `lipsdp certify NET PROPS --bound global --method TIER`: one verified bound L
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
-import queue as queue_module
 import resource
 import time
 from pathlib import Path
+
+from _process import run_spawned
 
 ROOT = Path(__file__).resolve().parents[1]
 CNN = ROOT.parent / "shared" / "realnets" / "cnn"
@@ -27,12 +27,13 @@ PROPS = ROOT.parent / "shared" / "realnets" / "vnnlib"
 NETS = {"cifar_base_kw": "oval21", "resnet_2b": "resnet2b", "Convnet_maxpool": "maxpool"}
 
 
-def _certify(net: str, tier: str, queue) -> None:
+def _certify(net: str, tier: str, budget: float, queue) -> None:
     from lipsdp.robustness import certify_properties
 
     props = sorted((PROPS / NETS[net]).glob("*.vnnlib"))
+    options = {"budget": budget} if tier == "anytime" else {}
     start = time.perf_counter()
-    results = certify_properties(CNN / f"{net}.onnx", props, method=tier, bound="global")
+    results = certify_properties(CNN / f"{net}.onnx", props, method=tier, bound="global", **options)
     seconds = time.perf_counter() - start
     bounds = [v for r in results for v in r.lipschitz.values()]
     upper = max(bounds) / math.sqrt(2.0) if bounds else float("nan")
@@ -49,41 +50,23 @@ def _lower(net: str, queue) -> None:
     queue.put((value, time.perf_counter() - start))
 
 
-def run(target, args, timeout: float):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
-    start = time.perf_counter()
-    try:
-        while time.perf_counter() - start < timeout:
-            try:
-                return queue.get(timeout=1.0)
-            except queue_module.Empty:
-                if not proc.is_alive():  # died without an answer (an error is printed by the child)
-                    return None
-        return None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS))
-    parser.add_argument("--tiers", nargs="+", default=["naive", "sequential"])
+    parser.add_argument("--tiers", nargs="+", default=["naive", "sequential", "anytime"])
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds of the anytime tier")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--lower-timeout", type=float, default=300.0)
     args = parser.parse_args()
     if not CNN.is_dir():
         raise SystemExit(f"{CNN} is absent")
     print("| net | tier | verified bound L | lower | L / lower | s (bound + certification) | peak MiB | certified |")
     print("|---|---|---|---|---|---|---|---|")
     for net in args.nets:
-        low = run(_lower, (net,), args.timeout)
+        low = run_spawned(_lower, (net,), args.lower_timeout)
         lower = low[0] if low else float("nan")
         for tier in args.tiers:
-            out = run(_certify, (net, tier), args.timeout)
+            out = run_spawned(_certify, (net, tier, args.budget), args.timeout)
             if out is None:
                 print(f"| {net} | {tier} | no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - |", flush=True)
                 continue

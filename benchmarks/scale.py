@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing as mp
 import resource
 import time
 
 import numpy as np
+from _process import run_spawned
 
 NETS = [
     [50] + [50] * 2 + [10],
@@ -56,18 +56,7 @@ def _run(sizes, method, options, queue) -> None:
 
 
 def run(sizes, method, options, timeout):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(sizes, method, options, queue))
-    proc.start()
-    try:
-        return queue.get(timeout=timeout)
-    except Exception:  # noqa: BLE001 - queue.Empty: the run did not finish in time (or died)
-        return None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+    return run_spawned(_run, (sizes, method, options), timeout)
 
 
 def label(sizes):

@@ -10,7 +10,7 @@ from torch import nn
 
 import lipsdp
 from lipsdp import UnsupportedLayerError, load_network
-from lipsdp.io.unroll import avgpool2d_matrix, conv2d_matrix
+from lipsdp.unroll import avgpool2d_matrix, conv2d_matrix
 
 RNG = np.random.default_rng(0)
 

@@ -151,6 +151,7 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     # 1 blows up the terms whose rounding the proof must cover) only when the first fails.
     inflated = t * _layer_inflation(net, TIGHT_BLOCK_INFLATION) if net.depth else t
     recipes = [(t, True), (t, False), (inflated, True), (inflated, False)]
+    balanced: dict[int, tuple | None] = {}  # per multiplier vector: shared by its two recipes
     prepared: dict[int, tuple | None] = {}
     forms: dict[int, tuple] = {}
     for inflation in RHO_INFLATIONS:
@@ -158,7 +159,10 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
             if k > 0 and inflation == RHO_INFLATIONS[0]:
                 break  # the others only once the given T has failed at the smallest rho
             if k not in prepared:
-                prepared[k] = _prepared(net, t_k, equilibrate)
+                if k // 2 not in balanced:
+                    balanced[k // 2] = _balanced(net, t_k)
+                base = balanced[k // 2]
+                prepared[k] = _equilibrated(*base) if equilibrate and base is not None else base
             if prepared[k] is not None:
                 if k not in forms:
                     forms[k] = lmi_forms(prepared[k][1], prepared[k][2])
@@ -178,7 +182,7 @@ def _layer_inflation(net: Network, d: float) -> np.ndarray:
     return np.repeat((1.0 + d) ** (net.depth - np.arange(net.depth)), net.hidden_sizes)
 
 
-def _prepared(net: Network, t: np.ndarray, equilibrate: bool = True):
+def _balanced(net: Network, t: np.ndarray):
     """(balancing, balanced network, balanced multipliers, rho*) for the proof, or None."""
     bal = Balancing.of(net)
     net_b, t_b = bal.network(net), bal.multipliers(net, t)
@@ -187,9 +191,11 @@ def _prepared(net: Network, t: np.ndarray, equilibrate: bool = True):
     rho_star = schur_rho(net_b, t_b)
     if rho_star is None:
         return None
-    if not equilibrate:
-        return bal, net_b, t_b, rho_star
-    # then equilibrate F(rho*, T) itself: every diagonal entry about 1 (exact powers of two again)
+    return bal, net_b, t_b, rho_star
+
+
+def _equilibrated(bal: Balancing, net_b: Network, t_b: np.ndarray, rho_star: float):
+    """The same, then F(rho*, T) itself equilibrated: every diagonal entry about 1 (exact powers of two)."""
     eq = Balancing.equilibrating(net_b, rho_star, t_b)
     t_eq = eq.multipliers(net_b, t_b)
     if not eq.is_identity() and np.array_equal(eq.original_multipliers(net_b, t_eq), t_b):

@@ -3,7 +3,7 @@
 `Conv2d` is the zero-padded cross-correlation of PyTorch and ONNX (stride, dilation, groups, asymmetric
 padding) on C-order flattened (C, H, W) images. Its products go through `torch.nn.functional.conv2d` and
 its transpose, so they cost the kernel's size times the image's, never a dense matrix; `dense()` gives the
-matrix of `lipsdp.io.unroll.conv2d_matrix` (the same floats) where a small one is wanted.
+matrix of `lipsdp.unroll.conv2d_matrix` (the same floats) where a small one is wanted.
 
 `norm_upper()` proves ||A||_2 <= bound without forming A. The argument, step by step (each map named
 here is a coordinate embedding, a coordinate restriction or a permutation, so none raises the norm):
@@ -20,14 +20,14 @@ here is a coordinate embedding, a coordinate restriction or a permutation, so no
    (the circular convolution is block-circulant; the 2-D DFT block-diagonalises it).
 4. Each ||K^(w)||_2 is proved by `lipsdp.certificate.certify` on its real form [[Re, -Im], [Im, Re]] (same
    singular values). The computed K^(w) differs from the exact one by at most delta per real entry,
-   delta = (28 u + g_(T+2) (1 + 28 u)) sum_t |K'_t| (u = 2^-53, T taps, g_k = k u / (1 - k u); Higham's
-   inner-product bound and twiddles e^(-i theta) within 28 u: theta from an exact integer phase, rounded
-   twice (<= 8 pi u), cos / sin of the C library within 2 u), so ||error||_2 <= ||error||_F <= sqrt(2)
-   ||delta||_F is added; the sum is rounded upwards.
+   delta = (40 u + g_(T+2) (1 + 40 u)) sum_t |K'_t| (u = 2^-53, T taps, g_k = k u / (1 - k u); Higham's
+   inner-product bound and twiddles e^(-i theta) within 40 u: theta = 2 pi m / M from an exact integer
+   phase m < M, rounded twice (<= 8 pi u < 26 u), numpy's cos / sin within 4 ulp (<= 8 u)), so
+   ||error||_2 <= ||error||_F <= sqrt(2) ||delta||_F is added; the sum is rounded upwards.
 For stride 1 and images much larger than the kernel the bound is close to the exact norm (the torus
 differs from the zero-padded plane only at the border); for strided or tiny images it can be looser.
 Guarantee: an upper bound on the spectral norm of the convolution with exactly these float64 weights
-(under the C library's documented cos / sin accuracy).
+(assuming numpy's float64 cos / sin are within 4 ulp, as its documented implementations are).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lipsdp.errors import ModelLoadError, VerificationError
-from lipsdp.io.unroll import _pads, _pair, conv2d_matrix, conv_output_size
+from lipsdp.unroll import as_pads, as_pair, conv2d_matrix, conv_output_size
 
 UNIT_ROUNDOFF = 2.0**-53
 
@@ -81,7 +81,7 @@ class Conv2d:
             raise ModelLoadError(
                 f"convolution kernel {weight.shape} with groups={groups} does not match {c} input channels"
             )
-        op = cls(weight, (c, h, w), _pair(stride, "stride"), _pads(padding), _pair(dilation, "dilation"), int(groups))
+        op = cls(weight, (c, h, w), as_pair(stride, "stride"), as_pads(padding), as_pair(dilation, "dilation"), int(groups))
         if min(op.out_shape[1:]) < 1:
             raise ModelLoadError(f"a {weight.shape[2:]} kernel does not fit an input of shape {(c, h, w)}")
         return op
@@ -136,7 +136,7 @@ class Conv2d:
         return replace(self, weight=np.ldexp(self.weight, int(exponent)))
 
     def dense(self) -> np.ndarray:
-        """The dense matrix (as `lipsdp.io.unroll.conv2d_matrix`): only for small sizes."""
+        """The dense matrix (as `lipsdp.unroll.conv2d_matrix`): only for small sizes."""
         return conv2d_matrix(
             self.weight, self.in_shape, stride=self.stride, padding=self.pads, dilation=self.dilation, groups=self.groups
         )[0]
@@ -220,6 +220,7 @@ class Conv2d:
                 raise VerificationError("could not prove a convolution's spectral norm at one frequency")
             best = max(best, cert.upper)
         taps = k.shape[2] * k.shape[3]
-        delta = (28.0 * UNIT_ROUNDOFF + _gamma(taps + 2) * (1.0 + 28.0 * UNIT_ROUNDOFF)) * np.abs(k).sum(axis=(2, 3))
+        twiddle = 40.0 * UNIT_ROUNDOFF
+        delta = (twiddle + _gamma(taps + 2) * (1.0 + twiddle)) * np.abs(k).sum(axis=(2, 3))
         error = math.sqrt(2.0) * float(np.linalg.norm(delta)) * (1.0 + 1e-6)
         return math.nextafter((best + error) * (1.0 + 4.0 * UNIT_ROUNDOFF), math.inf)

@@ -35,14 +35,14 @@ from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
-from lipsdp.io.unroll import (
+from lipsdp.network import Network
+from lipsdp.unroll import (
     avgpool2d_matrix,
     conv_output_size,
     maxpool2d_windows,
     pad_matrix,
     same_padding,
 )
-from lipsdp.network import Network
 
 SUPPORTED_OPS = (
     "Gemm, MatMul, Add, Sub, Mul, Div (by constants), Add, Sub, Sum (of computed tensors), Concat, Conv, "

@@ -37,8 +37,8 @@ from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
-from lipsdp.io.unroll import avgpool2d_matrix, maxpool2d_windows, pad_matrix
 from lipsdp.network import Network
+from lipsdp.unroll import avgpool2d_matrix, maxpool2d_windows, pad_matrix
 
 SUPPORTED_OPS = (
     "linear, conv2d, avg_pool2d, adaptive_avg_pool2d, max_pool2d, batch_norm (eval), add/sub/mul/div/neg by "

@@ -19,8 +19,8 @@ from lipsdp.activations import Activation, activation
 from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
 from lipsdp.io.chain import ChainBuilder
-from lipsdp.io.unroll import avgpool2d_matrix
 from lipsdp.network import Network
+from lipsdp.unroll import avgpool2d_matrix
 
 SUPPORTED_MODULES = (
     "Linear, Conv2d, AvgPool2d, AdaptiveAvgPool2d (divisible sizes), BatchNorm1d, BatchNorm2d, Flatten, "

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from lipsdp.errors import ModelLoadError
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(value, (int, np.integer)):
         return int(value), int(value)
     value = tuple(int(v) for v in value)
@@ -99,9 +99,9 @@ def conv2d_matrix(
             f"convolution kernel {weight.shape} with groups={groups} does not match {c} input channels "
             f"(input_shape {tuple(input_shape)})"
         )
-    pads = _pads(padding)
-    out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), _pair(stride, "stride"), pads,
-                                                      _pair(dilation, "dilation"))
+    pads = as_pads(padding)
+    out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), as_pair(stride, "stride"), pads,
+                                                      as_pair(dilation, "dilation"))
     out_per_group = out_c // groups
     # Index grids over (o, ci, i, j, p, q): o output channel, ci channel within its group.
     o = np.arange(out_c)[:, None, None, None, None, None]
@@ -136,9 +136,9 @@ def avgpool2d_matrix(
     in-bounds inputs (ONNX's default).
     """
     c, h, w = (int(v) for v in input_shape)
-    kh, kw = _pair(kernel, "kernel_size")
-    st = _pair(kernel if stride is None else stride, "stride")
-    pads = _pads(padding)
+    kh, kw = as_pair(kernel, "kernel_size")
+    st = as_pair(kernel if stride is None else stride, "stride")
+    pads = as_pads(padding)
     out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), st, pads, (1, 1))
     if divisor_override:
         divisor = np.full((out_h, out_w), float(divisor_override))
@@ -162,7 +162,7 @@ def avgpool2d_matrix(
     return matrix, (c, out_h, out_w)
 
 
-def _pads(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
+def as_pads(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) from an int, (pad_h, pad_w) or the ONNX 4-tuple."""
     if isinstance(padding, (int, np.integer)):
         p = int(padding)
@@ -189,10 +189,10 @@ def maxpool2d_windows(
     where the window covers padding (which max pooling ignores: it pads with -inf).
     """
     c, h, w = (int(v) for v in input_shape)
-    kh, kw = _pair(kernel, "kernel_size")
-    st = _pair(kernel if stride is None else stride, "stride")
-    out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), st, _pads(padding),
-                                                      _pair(dilation, "dilation"))
+    kh, kw = as_pair(kernel, "kernel_size")
+    st = as_pair(kernel if stride is None else stride, "stride")
+    out_h, out_w, rows, cols, valid = _window_indices((c, h, w), (kh, kw), st, as_pads(padding),
+                                                      as_pair(dilation, "dilation"))
     flat = np.where(valid, rows * w + cols, -1).reshape(out_h * out_w, kh * kw)
     if np.any(np.all(flat < 0, axis=1)):
         raise ModelLoadError(f"a max-pooling window lies entirely in the padding (kernel {kernel}, padding {padding})")
