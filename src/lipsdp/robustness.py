@@ -256,8 +256,9 @@ def certify_properties(
 
     bound='pair': one verified bound of f_label - f_j per class pair, shared by all properties (cheap when
     there are many properties); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
-    f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks); bound='local': a bound of f_label - f_j valid on each property's box
-    (`estimate(..., region=Box(low, high), pair=...)`, tighter, one per property and target). The
+    f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
+    bound='local': a bound of f_label - f_j valid on each property's box (`estimate(..., region=Box(low,
+    high), pair=...)`, tighter, one per property and target). The
     certificate is sound: a certified property has no counter-example in its box. Margins come from float64
     logits at the box centre, reduced by a rounding allowance before the comparison.
     """
