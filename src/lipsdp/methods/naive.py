@@ -1,7 +1,8 @@
 """The naive bound: product of the layers' spectral norms times the activations' Lipschitz constants.
 
-Verified: each ||W_k||_2 is proved by the same Cholesky certificate as LipSDP (a one-layer network),
-and the product is rounded upwards.
+Verified: each ||W_k||_2 is proved by the same Cholesky certificate as LipSDP (a one-layer network), by
+the Hoelder bound with its rounding covered, or, for a large convolution, on its kernel (`lipsdp.conv`);
+the product is rounded upwards.
 """
 
 from __future__ import annotations
