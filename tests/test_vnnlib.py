@@ -246,6 +246,12 @@ def test_cli_certifies_vnnlib_properties():
     assert payload["properties"][0]["label"] == 0
     table = CliRunner().invoke(app, ["certify", str(MNIST_NET), *paths, "--bound", "local", "--method", "naive"])
     assert table.exit_code == 0 and "1 of 2 properties certified" in table.stdout
+    whole = CliRunner().invoke(app, ["certify", str(MNIST_NET), *paths, "--bound", "global", "--method", "naive",
+                                     "--json"])
+    assert whole.exit_code == 0, whole.output
+    rows = json.loads(whole.stdout)["properties"]
+    # one global bound for every class pair: all the Lipschitz values of a property are the same number
+    assert all(len(set(r["lipschitz"].values())) == 1 and r["bound"] == "global" for r in rows if r["lipschitz"])
     refused = CliRunner().invoke(app, ["certify", str(MNIST_NET), paths[0], "--bound", "box"])
     assert refused.exit_code == 2 and "'pair', 'global' or 'local'" in refused.output
 
