@@ -215,8 +215,8 @@ class _Structure:
 
 
 class _BlockMatrix:
-    """A symmetric block-tridiagonal matrix with dense blocks; products with dense matrices by BLAS blocks
-    (a scipy.sparse product runs far below BLAS speed on these dense blocks)."""
+    """A symmetric block-tridiagonal matrix with dense blocks (a dual step dZ): its inner product with a dense
+    matrix by blocks, and its dense form for the step length (its products go through U, `_Structure`)."""
 
     def __init__(self, f: BlockTridiagonal):
         self.f = f
@@ -224,24 +224,8 @@ class _BlockMatrix:
         self.offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
 
     @property
-    def T(self) -> _BlockMatrix:
-        return self
-
-    @property
     def shape(self) -> tuple[int, int]:
         return (int(self.offs[-1]), int(self.offs[-1]))
-
-    def __matmul__(self, m: np.ndarray) -> np.ndarray:
-        o, f = self.offs, self.f
-        out = np.empty((o[-1],) + m.shape[1:])
-        for k, d in enumerate(f.diag):
-            rows = d @ m[o[k] : o[k + 1]]
-            if k + 1 < len(f.diag):
-                rows += f.upper[k] @ m[o[k + 1] : o[k + 2]]
-            if k > 0:
-                rows += f.upper[k - 1].T @ m[o[k - 1] : o[k]]
-            out[o[k] : o[k + 1]] = rows
-        return out
 
     def inner(self, m: np.ndarray) -> float:
         """<self, m> for a dense symmetric m."""
@@ -331,20 +315,19 @@ def _max_step(lower: np.ndarray, dx: np.ndarray) -> float:
         w = sla.solve_triangular(lower, v, lower=True, trans="T", check_finite=False)
         return sla.solve_triangular(lower, dx @ w, lower=True, check_finite=False)
 
-    if n <= 200:
-        dx = dx.toarray() if hasattr(dx, "toarray") else dx
+    def dense_min() -> float:
         tmp = sla.solve_triangular(lower, dx, lower=True, check_finite=False)
         m = sla.solve_triangular(lower, tmp.T, lower=True, check_finite=False)
-        lam = sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
+        return sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
+
+    if n <= 200:
+        lam = dense_min()
     else:
         op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
         try:
             lam = eigsh(op, k=1, which="SA", tol=1e-3, maxiter=2000, return_eigenvectors=False)[0]
         except ArpackNoConvergence:
-            dx = dx.toarray() if hasattr(dx, "toarray") else dx
-            tmp = sla.solve_triangular(lower, dx, lower=True, check_finite=False)
-            m = sla.solve_triangular(lower, tmp.T, lower=True, check_finite=False)
-            lam = sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
+            lam = dense_min()
     return np.inf if lam >= 0 else -1.0 / lam
 
 
