@@ -38,7 +38,8 @@ UNIT_ROUNDOFF = 2.0**-53
 RHO_INFLATIONS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2)
 
 
-def _gamma(k: int) -> float:
+def gamma(k: int) -> float:
+    """Higham's g_k = k u / (1 - k u): the relative error of a k-term sum or inner product."""
     return k * UNIT_ROUNDOFF / (1.0 - k * UNIT_ROUNDOFF)
 
 
@@ -98,9 +99,9 @@ def prove_positive_definite(
     f, f_abs = _with_rho(f0, rho), _with_rho(f0_abs, abs(rho))
     n = f.size
     inner = max(max(net.sizes), 1) + 6
-    g_form = _gamma(2 * inner)
-    e = g_form / (1.0 - g_form) * float(np.max(_row_sums(f_abs))) * (1.0 + _gamma(n + 2))
-    g_chol = _gamma(2 * n + 2)
+    g_form = gamma(2 * inner)
+    e = g_form / (1.0 - g_form) * float(np.max(_row_sums(f_abs))) * (1.0 + gamma(n + 2))
+    g_chol = gamma(2 * n + 2)
     g_chol = g_chol / (1.0 - g_chol)
     diag_f = np.concatenate([np.diag(d) for d in f.diag])
     if not np.all(np.isfinite(diag_f)) or not np.isfinite(e):

@@ -38,14 +38,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from lipsdp.certificate import UNIT_ROUNDOFF, certify, gamma
 from lipsdp.errors import ModelLoadError, VerificationError
+from lipsdp.network import Network
 from lipsdp.unroll import as_pads, as_pair, conv2d_matrix, conv_output_size
-
-UNIT_ROUNDOFF = 2.0**-53
-
-
-def _gamma(k: int) -> float:
-    return k * UNIT_ROUNDOFF / (1.0 - k * UNIT_ROUNDOFF)
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,9 +202,6 @@ class Conv2d:
 
     def norm_upper(self) -> float:
         """A proven upper bound on ||A||_2 (module docstring); raises `VerificationError` if a proof fails."""
-        from lipsdp.certificate import certify
-        from lipsdp.network import Network
-
         k = self.phase_kernel()
         if not np.any(k):
             return 0.0
@@ -221,6 +214,6 @@ class Conv2d:
             best = max(best, cert.upper)
         taps = k.shape[2] * k.shape[3]
         twiddle = 40.0 * UNIT_ROUNDOFF
-        delta = (twiddle + _gamma(taps + 2) * (1.0 + twiddle)) * np.abs(k).sum(axis=(2, 3))
+        delta = (twiddle + gamma(taps + 2) * (1.0 + twiddle)) * np.abs(k).sum(axis=(2, 3))
         error = math.sqrt(2.0) * float(np.linalg.norm(delta)) * (1.0 + 1e-6)
         return math.nextafter((best + error) * (1.0 + 4.0 * UNIT_ROUNDOFF), math.inf)

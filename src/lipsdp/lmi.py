@@ -181,7 +181,7 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
     return best if negative_min_eig(res.x) <= negative_min_eig(centre) else tau0
 
 
-def _norm_estimate(w: np.ndarray, steps: int = 30) -> float:
+def norm_estimate(w: np.ndarray, steps: int = 30) -> float:
     """||w||_2 to a few per cent (power iteration from a fixed start): enough to choose a power of two,
     and O(steps * size) instead of an SVD."""
     if min(w.shape) <= 64:
@@ -250,7 +250,7 @@ class Balancing:
         scaled = bal.network(net)
         wanted = []
         for w in scaled.weights:
-            norm = _norm_estimate(w)
+            norm = norm_estimate(w)
             wanted.append(-int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
         # W^_k = W_k 2^(c_k - c_{k+1}) with block exponents c; c_{l+1} = 0 and c_k - c_{k+1} = wanted[k]
         block = [0] * (len(scaled.weights) + 1)

@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 
-from lipsdp.certificate import certified_product, certify
+from lipsdp.certificate import UNIT_ROUNDOFF, certified_product, certify, gamma
 from lipsdp.errors import VerificationError
+from lipsdp.lmi import norm_estimate
 from lipsdp.methods import MethodOutput
 from lipsdp.network import Network
 from lipsdp.proof import Proof
@@ -37,7 +38,6 @@ DENSE_NORM_ENTRIES = 2**20
 # this order that takes minutes, and such a layer (e.g. the comparators of a lowered max pooling) gets only
 # the Hoelder bound.
 DENSE_NORM_SIDE = 4096
-_U = 2.0**-53
 
 
 def holder_bound(w: np.ndarray) -> float:
@@ -45,25 +45,10 @@ def holder_bound(w: np.ndarray) -> float:
     within a factor 1 + g_n (Higham), so dividing by 1 - g_n and rounding the rest upwards keeps it a bound.
     Tight for matrices whose rows and columns have few, equal entries (comparators, pooling, selections)."""
     a = np.abs(w)
-    n = max(w.shape)
-    g = n * _U / (1.0 - n * _U)
+    g = gamma(max(w.shape))
     cols = float(np.max(a.sum(axis=0))) / (1.0 - g)
     rows = float(np.max(a.sum(axis=1))) / (1.0 - g)
-    return math.nextafter(math.sqrt(cols * rows) * (1.0 + 4.0 * _U), math.inf)
-
-
-def _power_estimate(w: np.ndarray, iterations: int = 30) -> float:
-    """||W x|| / ||x|| after power iteration: an estimate (from below) of ||W||_2, not a bound."""
-    x = np.random.default_rng(0).standard_normal(w.shape[1])
-    est = 0.0
-    for _ in range(iterations):
-        x /= np.linalg.norm(x)
-        y = w @ x
-        est = float(np.linalg.norm(y))
-        x = w.T @ y
-        if not np.any(x):
-            break
-    return est
+    return math.nextafter(math.sqrt(cols * rows) * (1.0 + 4.0 * UNIT_ROUNDOFF), math.inf)
 
 
 def _layer_norm(net: Network, k: int) -> tuple[float, float, float]:
@@ -77,7 +62,7 @@ def _layer_norm(net: Network, k: int) -> tuple[float, float, float]:
         return (*_from_norm(op.norm_upper()), op.norm_estimate())
     holder = holder_bound(w)
     if min(w.shape) > DENSE_NORM_SIDE:
-        return (*_from_norm(holder), _power_estimate(w))
+        return (*_from_norm(holder), norm_estimate(w))
     cert = _spectral_norm_certificate(w if w.shape[1] <= w.shape[0] else w.T)
     estimate = math.sqrt(cert.rho_estimate)  # the certificate's own: no SVD
     return (*_from_norm(holder), estimate) if holder < cert.upper else (cert.upper, cert.rho, estimate)
