@@ -68,6 +68,31 @@ def test_schur_rho_is_the_smallest_feasible_rho(small_net, small_opt):
     assert np.linalg.eigvalsh(-dense_m(small_net, rho * (1 - 1e-6), t))[0] < 0
 
 
+@pytest.mark.parametrize("sizes", [[3, 6, 5, 2], [4, 7, 2, 9, 3], [5, 1, 8, 1]])
+def test_block_cholesky_solves_and_inverts_like_dense(sizes):
+    """The block-bidiagonal factor of F(rho, T) (what the interior-point method applies Z^-1 with) gives
+    the same solves, inverse, products and inner products as dense numpy on the paper's dense matrix."""
+    net = he_network(sizes, sum(sizes), ["relu", "tanh", "sigmoid"][: len(sizes) - 2])
+    # per-neuron multipliers near the layer-by-layer ones (strictly feasible for some rho)
+    t = sequential_multipliers(net) * np.random.default_rng(len(sizes)).uniform(1.0, 1.1, net.n_neurons)
+    assert schur_rho(net, t) is not None
+    rho = 2.0 * schur_rho(net, t) + 1.0
+    f = negated_lmi(net, rho, t)
+    dense = -dense_m(net, rho, t)
+    chol = f.cholesky()
+    assert chol is not None
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal((dense.shape[0], 3))
+    scale = np.linalg.norm(np.linalg.inv(dense), 2)
+    assert np.allclose(chol.solve(b), np.linalg.solve(dense, b), atol=1e-12 * scale * np.abs(b).max())
+    assert np.allclose(chol.inverse(), np.linalg.inv(dense), atol=1e-12 * scale)
+    assert np.allclose(f.matvec(b), dense @ b, atol=1e-12 * np.abs(dense).max())
+    sym = b @ b.T
+    assert f.inner(sym) == pytest.approx(float(np.sum(dense * sym)), rel=1e-12)
+    # below rho*(T) the matrix is indefinite: the factorisation must refuse
+    assert negated_lmi(net, 0.5 * schur_rho(net, t), t).cholesky() is None
+
+
 def test_feasible_certificate_is_accepted_and_sound(small_net, small_opt):
     res, t = small_opt
     cert = certify(small_net, t)

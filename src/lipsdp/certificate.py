@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as sla
 
 from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho, sequential_multipliers
 from lipsdp.network import Network
@@ -52,24 +51,12 @@ def _row_sums(f: BlockTridiagonal) -> np.ndarray:
 
 
 def block_cholesky_succeeds(f: BlockTridiagonal, shift: float) -> float | None:
-    """Cholesky of F - shift*I, block by block (the same arithmetic as a dense Cholesky that skips the
-    structural zeros). Returns the trace of the factored matrix, or None if the factorisation breaks."""
-    prev_l = None
-    trace = 0.0
-    for k, d in enumerate(f.diag):
-        a = d - shift * np.eye(d.shape[0])
-        if k > 0:
-            # Block (k, k-1) of L is U_{k-1}' L_{k-1}^{-T}.
-            b = sla.solve_triangular(prev_l, f.upper[k - 1], lower=True, check_finite=False).T
-            a = a - b @ b.T
-        trace += float(np.trace(d)) - shift * d.shape[0]
-        try:
-            prev_l = np.linalg.cholesky(a)
-        except np.linalg.LinAlgError:
-            return None
-        if not np.all(np.isfinite(prev_l)):
-            return None
-    return trace
+    """Cholesky of F - shift*I, block by block (`BlockTridiagonal.cholesky`: the same arithmetic as a dense
+    Cholesky that skips the structural zeros). Returns the trace of the factored matrix, or None if the
+    factorisation breaks."""
+    if f.cholesky(shift) is None:
+        return None
+    return sum(float(np.trace(d)) - shift * d.shape[0] for d in f.diag)
 
 
 def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, BlockTridiagonal]:

@@ -24,7 +24,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg as sla
 
-from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho, sequential_multipliers
+from lipsdp.lmi import (
+    Balancing,
+    BlockCholesky,
+    BlockTridiagonal,
+    negated_lmi,
+    schur_rho,
+    sequential_multipliers,
+)
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -91,16 +98,16 @@ class _Structure:
         wl = self.net.weights[-1]
         return -float(np.sum((wl @ x_mat[self.last, self.last]) * wl))
 
-    def slack(self, y: np.ndarray) -> np.ndarray:
-        """Z = C - A'(y) = F(rho, t), formed densely from its blocks."""
-        return negated_lmi(self.net, float(y[0]), self.expanded(y)).dense()
+    def slack(self, y: np.ndarray) -> BlockTridiagonal:
+        """Z = C - A'(y) = F(rho, t), block-tridiagonal (never formed densely)."""
+        return negated_lmi(self.net, float(y[0]), self.expanded(y))
 
-    def adjoint_blocks(self, y: np.ndarray) -> _BlockMatrix:
+    def adjoint_blocks(self, y: np.ndarray) -> BlockTridiagonal:
         """-sum_i y_i A_i = F(y_0, y_1..) - F(0, 0): the linear part of the LMI, block-tridiagonal."""
         f = negated_lmi(self.net, float(y[0]), self.expanded(y))
         wl = self.net.weights[-1]
         f.diag[-1] = f.diag[-1] + wl.T @ wl
-        return _BlockMatrix(f)
+        return f
 
     def times_u(self, m: np.ndarray) -> np.ndarray:
         """M U for a dense M, by dense blocks (BLAS): U = [I_0 | per layer: W_{k-1}' rows, unit columns]."""
@@ -159,10 +166,7 @@ class _Structure:
         ab2, apb = self.ab2_all[:, None], self.apb_all[:, None]
         out = np.empty_like(m)
         out[: self.n0] = m[: self.n0]
-        np.multiply(m[w], ab2, out=out[w])
-        out[w] -= apb * m[e]
-        np.multiply(m[e], 2.0, out=out[e])
-        out[e] -= apb * m[w]
+        _combine_pairs(m[w], m[e], (ab2, -apb, -apb, 2.0), out[w], out[e], per_row=True)
         return out
 
     def scale_cols(self, m: np.ndarray, d0: float = 1.0, t: np.ndarray | None = None) -> np.ndarray:
@@ -174,10 +178,7 @@ class _Structure:
             ab2, apb, two = ab2 * t, apb * t, 2.0 * t
         out = np.empty_like(m)
         np.multiply(m[:, : self.n0], d0, out=out[:, : self.n0])
-        np.multiply(m[:, w], ab2, out=out[:, w])
-        out[:, w] -= m[:, e] * apb
-        np.multiply(m[:, e], two, out=out[:, e])
-        out[:, e] -= m[:, w] * apb
+        _combine_pairs(m[:, w], m[:, e], (ab2, -apb, -apb, two), out[:, w], out[:, e], per_row=False)
         return out
 
     def times_ut(self, m: np.ndarray) -> np.ndarray:
@@ -204,38 +205,13 @@ class _Structure:
                 var += 1
         return out
 
-    def schur(self, xu: np.ndarray, ziu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """H_ij = tr(A_i X A_j Z^-1) summed into variables, from G U'XU G and Q = U'Z^-1U (returned too:
-        the corrector's dZ Z^-1 U is U D Q)."""
+    def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
+        """H_ij = tr(A_i X A_j Z^-1) summed into variables, from G U'XU G and Q = U'Z^-1U."""
         q_mat = self.ut_times(ziu)
         pg = self.g_rows(self.ut_times(self.scale_cols(xu)))  # G U' X U G (G applied on the n x K side)
         pg *= q_mat
         h = self._sum_groups(self._sum_groups(pg).T)
-        return 0.5 * (h + h.T), q_mat
-
-
-class _BlockMatrix:
-    """A symmetric block-tridiagonal matrix with dense blocks (a dual step dZ): its inner product with a dense
-    matrix by blocks, and its dense form for the step length (its products go through U, `_Structure`)."""
-
-    def __init__(self, f: BlockTridiagonal):
-        self.f = f
-        sizes = [d.shape[0] for d in f.diag]
-        self.offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (int(self.offs[-1]), int(self.offs[-1]))
-
-    def inner(self, m: np.ndarray) -> float:
-        """<self, m> for a dense symmetric m."""
-        o, f = self.offs, self.f
-        total = sum(float(np.sum(d * m[o[k] : o[k + 1], o[k] : o[k + 1]])) for k, d in enumerate(f.diag))
-        total += 2.0 * sum(float(np.sum(u * m[o[k] : o[k + 1], o[k + 1] : o[k + 2]])) for k, u in enumerate(f.upper))
-        return total
-
-    def toarray(self) -> np.ndarray:
-        return self.f.dense()
+        return 0.5 * (h + h.T)
 
 
 @dataclass
@@ -246,53 +222,61 @@ class _Iterate:
     x_mat: np.ndarray
     x_lin: np.ndarray
     z_lin: np.ndarray
-    z_inv: np.ndarray
+    z_chol: BlockCholesky  # Z = L L', L block-bidiagonal
     xu: np.ndarray  # X U
     ziu: np.ndarray  # Z^-1 U
-    q_mat: np.ndarray  # U' Z^-1 U
     chol_h: tuple
     r_p: np.ndarray
     a_x: np.ndarray
     a_zinv: np.ndarray
     mu: float
 
-    def direction(self, sigma: float, corr_x=None, corr_dy=None, corr_lin=None):
+    def direction(self, sigma: float, corr_x=None, corr_dz=None, corr_lin=None):
         """HKM Newton direction towards sigma * mu (Mehrotra's second-order term when corr_* given:
-        the predictor's dX, its dy and its dx_lin dz_lin / z_lin).
+        the predictor's dX, its dZ and its dx_lin dz_lin / z_lin).
 
         With zero dual residual: A(dX) = r_p, dZ = -A'(dy), dX = sigma mu Z^-1 - X - X dZ Z^-1 [- corr].
-        Every dZ is U D U' (D = blockdiag(dy_0 I, dy_i G_i)), so its products go through U, never densely."""
+        Every dZ is block-tridiagonal, so its products with dense matrices are block products (faster than
+        going through U D U': measured on deep and on wide nets), and Z^-1 is applied by block solves with
+        Z's block-bidiagonal factor: O(n^2 w) per direction instead of O(n^3)."""
         st, mu = self.st, self.mu
         rhs = self.r_p - (sigma * mu * self.a_zinv - self.a_x)
         lin_part = sigma * mu / self.z_lin - self.x_lin
         if corr_x is not None:
-            corr_xu = st.times_u(corr_x)
-            # dZ_aff Z^-1 U = U D_aff Q
-            dz_ziu = st.times_ut(st.scale_cols(self.q_mat, float(corr_dy[0]), st.expanded(corr_dy))).T
-            rhs = rhs + st.a_bilinear(corr_xu, dz_ziu)
+            # <A_i, dX_aff dZ_aff Z^-1> from dX_aff U and dZ_aff (Z^-1 U)
+            rhs = rhs + st.a_bilinear(st.times_u(corr_x), corr_dz.matvec(self.ziu))
             lin_part = lin_part - corr_lin
         rhs[1:] += lin_part  # A_lin(x) = -x on the multiplier rows
         dy = sla.cho_solve(self.chol_h, rhs, check_finite=False)
         dz_lin = dy[1:]
-        x_dz = st.scale_cols(self.xu, float(dy[0]), st.expanded(dy))  # X U D
+        dz = st.adjoint_blocks(dy)
+        # (X dZ [+ dX_aff dZ_aff] - sigma mu I)' = dZ X [+ dZ_aff dX_aff] - sigma mu I (X, dX symmetric)
+        rhs_t = dz.matvec(self.x_mat)
         if corr_x is not None:
-            x_dz += st.scale_cols(corr_xu, float(corr_dy[0]), st.expanded(corr_dy))
-        dx = st.times_ut(x_dz) @ self.z_inv  # X dZ Z^-1 (+ dX_aff dZ_aff Z^-1): one product with Z^-1
-        dx -= sigma * mu * self.z_inv
+            rhs_t += corr_dz.matvec(corr_x)
+        rhs_t[np.diag_indices_from(rhs_t)] -= sigma * mu
+        dx = self.z_chol.solve(rhs_t).T
         dx += self.x_mat
         dx = -0.5 * (dx + dx.T)
         dx_lin = sigma * mu / self.z_lin - self.x_lin - self.x_lin * dz_lin / self.z_lin
         if corr_lin is not None:
             dx_lin = dx_lin - corr_lin
-        return dx, dx_lin, dy, st.adjoint_blocks(dy), dz_lin
+        return dx, dx_lin, dy, dz, dz_lin
 
 
-def _inverse_from_cholesky(lower: np.ndarray) -> np.ndarray:
-    """Z^-1 from the lower Cholesky factor of Z (LAPACK potri: half the work of two triangular solves)."""
-    inv, info = sla.lapack.dpotri(lower, lower=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"potri failed ({info})")
-    return np.tril(inv) + np.tril(inv, -1).T
+def _combine_pairs(a: np.ndarray, b: np.ndarray, coeffs: tuple, out_a: np.ndarray, out_b: np.ndarray, per_row: bool) -> None:
+    """out_a = c_aa a + c_ab b, out_b = c_ba a + c_bb b, elementwise with coefficients broadcast over the
+    columns (per_row=False: one per column) or sliced with the rows (per_row=True: one per row), in chunks
+    of rows small enough that every temporary stays in cache (these products are memory-bound)."""
+    step = max(1, (1 << 15) // max(1, a.shape[1]))
+    for i in range(0, a.shape[0], step):
+        rows = slice(i, i + step)
+        c_aa, c_ab, c_ba, c_bb = (c[rows] if per_row and np.ndim(c) else c for c in coeffs)
+        a_i, b_i = a[rows], b[rows]
+        np.multiply(a_i, c_aa, out=out_a[rows])
+        out_a[rows] += b_i * c_ab
+        np.multiply(b_i, c_bb, out=out_b[rows])
+        out_b[rows] += a_i * c_ba
 
 
 def _cholesky_lower(a: np.ndarray) -> np.ndarray | None:
@@ -303,13 +287,9 @@ def _cholesky_lower(a: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def _max_step(lower: np.ndarray, dx: np.ndarray) -> float:
+def _max_step(lower: np.ndarray, dx: np.ndarray, warm: dict | None = None) -> float:
     """Largest alpha with X + alpha dX PSD, given the Cholesky factor of X: -1 / lambda_min(L^-1 dX L^-T),
     the eigenvalue by Lanczos on the implicit operator (O(n^2) per product instead of O(n^3))."""
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
-
-    n = dx.shape[0]
-    dx = dx.toarray() if hasattr(dx, "toarray") else dx
 
     def apply(v: np.ndarray) -> np.ndarray:
         w = sla.solve_triangular(lower, v, lower=True, trans="T", check_finite=False)
@@ -320,14 +300,41 @@ def _max_step(lower: np.ndarray, dx: np.ndarray) -> float:
         m = sla.solve_triangular(lower, tmp.T, lower=True, check_finite=False)
         return sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[0, 0], check_finite=False)[0]
 
+    return _step_from(_smallest_eigenvalue(dx.shape[0], apply, dense_min, warm))
+
+
+def _max_step_slack(chol: BlockCholesky, z: BlockTridiagonal, dz: BlockTridiagonal, warm: dict | None = None) -> float:
+    """Largest alpha with Z + alpha dZ PSD for block-tridiagonal Z = L L' and dZ: the same eigenvalue, each
+    product by block solves and a block-tridiagonal product (O(n w), not O(n^2))."""
+
+    def apply(v: np.ndarray) -> np.ndarray:
+        return chol.solve_lower(dz.matvec(chol.solve_upper(v)))
+
+    def dense_min() -> float:
+        return sla.eigvalsh(dz.dense(), z.dense(), subset_by_index=[0, 0], check_finite=False)[0]
+
+    return _step_from(_smallest_eigenvalue(z.size, apply, dense_min, warm))
+
+
+def _smallest_eigenvalue(n: int, apply, dense_min, warm: dict | None = None) -> float:
+    """lambda_min of a symmetric operator: dense for small n, else Lanczos (dense when it fails). `warm`
+    keeps the last eigenvector ('v') as the next start: successive step lengths of one side are close."""
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
     if n <= 200:
-        lam = dense_min()
-    else:
-        op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
-        try:
-            lam = eigsh(op, k=1, which="SA", tol=1e-3, maxiter=2000, return_eigenvectors=False)[0]
-        except ArpackNoConvergence:
-            lam = dense_min()
+        return float(dense_min())
+    op = LinearOperator((n, n), matvec=apply, dtype=np.float64)
+    v0 = None if warm is None else warm.get("v")
+    try:
+        vals, vecs = eigsh(op, k=1, which="SA", tol=1e-3, maxiter=2000, v0=v0, ncv=8)
+    except ArpackNoConvergence:
+        return float(dense_min())
+    if warm is not None and np.all(np.isfinite(vecs)):
+        warm["v"] = vecs[:, 0]
+    return float(vals[0])
+
+
+def _step_from(lam: float) -> float:
     return np.inf if lam >= 0 else -1.0 / lam
 
 
@@ -476,8 +483,7 @@ def _solve_balanced(
     y = np.concatenate([[rho0], t0])
     for _ in range(60):
         z_mat = st.slack(y)
-        z_mat = 0.5 * (z_mat + z_mat.T)
-        lz = _cholesky_lower(z_mat)
+        lz = z_mat.cholesky()
         if lz is not None:
             break
         y[0] *= 2.0
@@ -492,19 +498,20 @@ def _solve_balanced(
     status = "max_iterations"
     gap = np.inf
     history: list[float] = []
+    warm_x: dict = {}  # the step lengths' last eigenvectors (Lanczos starts)
+    warm_z: dict = {}
     it = 0
     for it in range(1, max_iter + 1):
         try:
             # lx, lz: the Cholesky factors of X and Z, kept from the step that accepted them
             xu = st.times_u(x_mat)
-            z_inv = _inverse_from_cholesky(lz)
-            ziu = st.times_u(z_inv)
+            ziu = st.times_u(lz.inverse())
             # residuals
             a_x = st.a_bilinear(None, xu)  # A(X)
             r_p = st.b - a_x.copy()
             r_p[1:] += x_lin  # A_lin(x) = -x on the multiplier rows
             # Z is recomputed from y at every step, so the dual residual is zero up to rounding.
-            mu = (float(np.sum(x_mat * z_mat)) + float(x_lin @ z_lin)) / n_total
+            mu = (z_mat.inner(x_mat) + float(x_lin @ z_lin)) / n_total
             pobj = st.primal_objective(x_mat)
             dobj = float(st.b @ y)
             gap = abs(pobj - dobj) / (1.0 + abs(pobj) + abs(dobj))
@@ -520,7 +527,7 @@ def _solve_balanced(
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 status = "time_limit"
                 break
-            h, q_mat = st.schur(xu, ziu)
+            h = st.schur(xu, ziu)
             h[1:, 1:] += np.diag(x_lin / z_lin)
             try:
                 chol_h = sla.cho_factor(h, lower=True, check_finite=False)
@@ -532,21 +539,21 @@ def _solve_balanced(
                     status = "numerical_error"
                     break
             it_data = _Iterate(
-                st, x_mat, x_lin, z_lin, z_inv, xu, ziu, q_mat, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
+                st, x_mat, x_lin, z_lin, lz, xu, ziu, chol_h, r_p, a_x, st.a_bilinear(None, ziu), mu
             )
             dx, dx_lin, dy, dz, dz_lin = it_data.direction(0.0)
-            ap = min(1.0, _max_step(lx, dx), _max_step_lin(x_lin, dx_lin))
-            ad = min(1.0, _max_step(lz, dz), _max_step_lin(z_lin, dz_lin))
+            ap = min(1.0, _max_step(lx, dx, warm_x), _max_step_lin(x_lin, dx_lin))
+            ad = min(1.0, _max_step_slack(lz, z_mat, dz, warm_z), _max_step_lin(z_lin, dz_lin))
             mu_aff = (
-                float(np.sum((x_mat + ap * dx) * z_mat))
+                z_mat.inner(x_mat + ap * dx)
                 + ad * (dz.inner(x_mat) + ap * dz.inner(dx))
                 + float((x_lin + ap * dx_lin) @ (z_lin + ad * dz_lin))
             ) / n_total
             sigma = min(1.0, max(0.0, (mu_aff / mu) ** 3))
-            dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dy, dx_lin * dz_lin / z_lin)
+            dx, dx_lin, dy, dz, dz_lin = it_data.direction(sigma, dx, dz, dx_lin * dz_lin / z_lin)
             gamma = 0.9 + 0.09 * min(ap, ad)
-            ap = min(1.0, gamma * _max_step(lx, dx), gamma * _max_step_lin(x_lin, dx_lin))
-            ad = min(1.0, gamma * _max_step(lz, dz), gamma * _max_step_lin(z_lin, dz_lin))
+            ap = min(1.0, gamma * _max_step(lx, dx, warm_x), gamma * _max_step_lin(x_lin, dx_lin))
+            ad = min(1.0, gamma * _max_step_slack(lz, z_mat, dz, warm_z), gamma * _max_step_lin(z_lin, dz_lin))
             for _ in range(30):
                 x_new = x_mat + ap * dx  # exactly symmetric: X and dX are
                 lx_new = _cholesky_lower(x_new)
@@ -561,8 +568,7 @@ def _solve_balanced(
             for _ in range(30):
                 y_new = y + ad * dy
                 z_new = st.slack(y_new)
-                z_new = 0.5 * (z_new + z_new.T)
-                lz_new = _cholesky_lower(z_new) if np.all(y_new[1:] > 0) else None
+                lz_new = z_new.cholesky() if np.all(y_new[1:] > 0) else None
                 if lz_new is not None:
                     break
                 ad *= 0.5
