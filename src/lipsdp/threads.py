@@ -21,8 +21,8 @@ ENV_VAR = "LIPSDP_THREADS"
 
 def threads_for(size: int, requested: int | None = None) -> int:
     """Threads for a problem whose LMI has `size` rows: `requested` if given (>= 1), else $LIPSDP_THREADS
-    if set, else 1 for small problems and, for large ones, the cores not busy according to the 1-minute
-    load average."""
+    if set, else 1 for small problems and, for large ones, the cores that other work does not keep busy
+    (`busy_elsewhere`)."""
     if requested is not None:
         return max(1, int(requested))
     if os.environ.get(ENV_VAR, "").strip().isdigit():
@@ -30,11 +30,31 @@ def threads_for(size: int, requested: int | None = None) -> int:
     if size < PARALLEL_FROM:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, int(cores - busy_elsewhere() + 0.5)))
+
+
+def busy_elsewhere() -> float:
+    """How many cores other work keeps busy now. On Linux: the tasks runnable at this instant
+    (/proc/stat procs_running) minus this process's own, which reacts at once when a neighbour starts or
+    ends (the 1-minute load average still counts a job that ended seconds ago, and would hand a quiet
+    machine one thread). Elsewhere: the 1-minute load average."""
     try:
-        busy = os.getloadavg()[0]
+        with open("/proc/stat") as stat:
+            running = next(int(line.split()[1]) for line in stat if line.startswith("procs_running"))
+        own = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except OSError:  # the thread ended meanwhile
+                continue
+        return float(max(0, running - own))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
     except OSError:  # not available on this platform
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        return 0.0
 
 
 @contextmanager

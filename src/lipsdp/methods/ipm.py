@@ -347,7 +347,7 @@ def solve_lipsdp_ipm(
     net: Network,
     *,
     per_neuron: bool = True,
-    tol: float = 1e-8,
+    tol: float = 1e-7,
     max_iter: int = 100,
     time_limit: float | None = None,
     restarts: int = 2,
