@@ -1,5 +1,5 @@
-"""Keep freed memory in the process while a bound is computed, so that large temporaries are reused
-instead of page-faulted in afresh.
+"""Keep freed memory in the process while the interior-point method runs, so that its large temporaries
+are reused instead of page-faulted in afresh.
 
 Why: the LMI methods allocate arrays of tens to hundreds of MiB many times per iteration (products with
 U, the Schur complement matrix, dense solves). glibc serves each from a fresh mmap and returns it to the
@@ -8,7 +8,8 @@ on [784,500x3,10] `neuron` (2 cores), 20 interior-point iterations took 56 s thi
 heap kept. Inside `retained_heap()` large requests come from the heap (glibc `mallopt`: no mmap, no
 trimming); on exit the defaults come back and `malloc_trim(0)` hands the memory back, so the process is
 as lean afterwards as before. Elsewhere than glibc it does nothing. Numbers are unchanged: only where
-memory comes from moves.
+memory comes from moves. Only for code whose temporaries repeat in size from one iteration to the next:
+`anytime` (torch tensors of many sizes) fragmented such a heap to 5.3 GB peak on the same net.
 """
 
 from __future__ import annotations

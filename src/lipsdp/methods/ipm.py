@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg as sla
 
+from lipsdp.heap import retained_heap
 from lipsdp.lmi import (
     Balancing,
     BlockCholesky,
@@ -169,25 +170,12 @@ class _Structure:
         _combine_pairs(m[w], m[e], (ab2, -apb, -apb, 2.0), out[w], out[e], per_row=True)
         return out
 
-    def scale_cols(self, m: np.ndarray, d0: float = 1.0, t: np.ndarray | None = None) -> np.ndarray:
-        """M D with D = blockdiag(d0 I_0, t_i G_i per neuron): with d0 = dy_0, t = dy's multipliers,
-        U D U' = dZ (the dual step is never formed densely); with the defaults M G."""
+    def g_cols(self, m: np.ndarray) -> np.ndarray:
+        """M G: each neuron's 2x2 block G_i applied to its (weight, unit) pair of columns."""
         w, e = self.w_cols, self.e_cols
-        ab2, apb, two = self.ab2_all, self.apb_all, 2.0
-        if t is not None:
-            ab2, apb, two = ab2 * t, apb * t, 2.0 * t
         out = np.empty_like(m)
-        np.multiply(m[:, : self.n0], d0, out=out[:, : self.n0])
-        _combine_pairs(m[:, w], m[:, e], (ab2, -apb, -apb, two), out[:, w], out[:, e], per_row=False)
-        return out
-
-    def times_ut(self, m: np.ndarray) -> np.ndarray:
-        """M U' for a dense M (rows x K), by dense blocks (BLAS)."""
-        out = np.zeros((m.shape[0], self.n))
         out[:, : self.n0] = m[:, : self.n0]
-        for rows_prev, w, cols_w, rows_k, cols_e in self.blocks:
-            out[:, rows_prev] += m[:, cols_w] @ w
-            out[:, rows_k] += m[:, cols_e]
+        _combine_pairs(m[:, w], m[:, e], (self.ab2_all, -self.apb_all, -self.apb_all, 2.0), out[:, w], out[:, e], per_row=False)
         return out
 
     def _sum_groups(self, m: np.ndarray) -> np.ndarray:
@@ -208,7 +196,7 @@ class _Structure:
     def schur(self, xu: np.ndarray, ziu: np.ndarray) -> np.ndarray:
         """H_ij = tr(A_i X A_j Z^-1) summed into variables, from G U'XU G and Q = U'Z^-1U."""
         q_mat = self.ut_times(ziu)
-        pg = self.g_rows(self.ut_times(self.scale_cols(xu)))  # G U' X U G (G applied on the n x K side)
+        pg = self.g_rows(self.ut_times(self.g_cols(xu)))  # G U' X U G (G applied on the n x K side)
         pg *= q_mat
         h = self._sum_groups(self._sum_groups(pg).T)
         return 0.5 * (h + h.T)
@@ -360,6 +348,13 @@ def solve_lipsdp_ipm(
     ill-conditioned networks well conditioned; the answer is mapped back. When a run stalls (or breaks
     down) it is restarted from its best multipliers, re-balanced so that F is equilibrated there.
     """
+    with retained_heap():  # the iterations' large temporaries are reused, not page-faulted in afresh
+        return _solve(net, per_neuron, tol, max_iter, time_limit, restarts)
+
+
+def _solve(
+    net: Network, per_neuron: bool, tol: float, max_iter: int, time_limit: float | None, restarts: int
+) -> IPMResult:
     start = time.perf_counter()
     original = net
     net, lift = _reduce_input(net)
