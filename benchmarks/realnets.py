@@ -21,7 +21,7 @@ interpreter and imports included) is per run and a run over --timeout is killed 
 time limit of 0.9 * --timeout, so they normally stop in time with a verified bound). Seconds are wall-clock
 around the call only: the network is built and the method's modules (torch for anytime and ECLipsE) are
 imported before the clock starts. --threads fixes the BLAS / torch threads of every run (default: lipsdp's
-own rule, `lipsdp.threads.threads_for`, which ECLipsE-Fast gets as well).
+own rule, `lipsdp.threads.threads_for_sizes`, which ECLipsE-Fast gets as well).
 
 --load N runs the chosen net (--nets must pick one) once quiet and once beside N CPU-bound busy-loop
 processes, and prints both times and the loaded / quiet ratio per tier.
@@ -68,9 +68,9 @@ def _network(spec: dict):
 
 
 def _thread_count(net, threads: int | None) -> int:
-    from lipsdp.threads import threads_for
+    from lipsdp.threads import threads_for_sizes
 
-    return threads_for(int(sum(net.sizes[:-1])), threads)
+    return threads_for_sizes(net.sizes, threads)
 
 
 def _job_tier(net, method: str, options: dict, threads: int | None) -> dict:

@@ -49,3 +49,18 @@ def test_busy_neighbours_are_seen_at_once(monkeypatch):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_lmi_blocks_decide(monkeypatch):
+    """The rule looks at the LMI actually solved: a wide input is reduced to the first hidden width, and
+    narrow blocks (whose kernels do not scale) get one thread however many there are."""
+    import lipsdp.threads as threads
+
+    monkeypatch.delenv("LIPSDP_THREADS", raising=False)
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
+    assert threads.threads_for_sizes([784, 256, 256, 256, 256, 10]) == 1  # 1280 rows, width 256
+    assert threads.threads_for_sizes([50] + [50] * 40 + [10]) == 1  # 2050 rows, width 50
+    assert threads.threads_for_sizes([784, 300, 10]) == 1  # 600 rows once reduced
+    assert threads.threads_for_sizes([784, 500, 500, 500, 10]) == cores()  # 2000 rows, width 500
+    monkeypatch.setattr(threads, "busy_elsewhere", lambda: float(cores()))
+    assert threads.threads_for_sizes([784, 500, 500, 500, 10]) == 1

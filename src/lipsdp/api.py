@@ -107,12 +107,12 @@ def _region_record(region: Any) -> dict[str, Any] | None:
 
 def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOutput:
     """Module-level task: bound one network (or one piece of it) with one method, with the BLAS / torch
-    threads that `threads.threads_for` gives its size (one for small problems: steady on a busy machine)."""
+    threads that `threads.threads_for_sizes` gives its LMI (one for small problems: steady on a busy machine)."""
     from lipsdp.scaling import bound_rescaled
-    from lipsdp.threads import limited_threads, threads_for
+    from lipsdp.threads import limited_threads, threads_for_sizes
 
     options = dict(options)
-    threads = threads_for(int(sum(net.sizes[:-1])), options.pop("threads", None))
+    threads = threads_for_sizes(net.sizes, options.pop("threads", None))
     if method == "anytime":
         import torch  # noqa: F401 - loaded first so that its threads are limited too
     with limited_threads(threads):

@@ -13,24 +13,36 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-# LMI size (sum of the widths but the output) from which extra threads pay for themselves.
+# LMI size (sum of the widths but the output) and widest block from which extra threads pay for themselves
+# (measured on 2 cores, neuron: width 500 [784,500x3,10] 90 -> 73 s with 2 threads; width 256
+# mnistfc_256x4 23 -> 29 s and width 50 [50,50x20,10] slower too: small blocks' kernels do not scale).
 PARALLEL_FROM = 1200
+PARALLEL_WIDTH = 400
 # Set (e.g. by the parallel runner, one thread per task) to fix the thread count of every bound.
 ENV_VAR = "LIPSDP_THREADS"
 
 
-def threads_for(size: int, requested: int | None = None) -> int:
+def threads_for(size: int, requested: int | None = None, width: int | None = None) -> int:
     """Threads for a problem whose LMI has `size` rows: `requested` if given (>= 1), else $LIPSDP_THREADS
-    if set, else 1 for small problems and, for large ones, the cores that other work does not keep busy
-    (`busy_elsewhere`)."""
+    if set, else 1 for small problems (or, given `width`, LMIs whose widest block is narrow) and, for large
+    ones, the cores that other work does not keep busy (`busy_elsewhere`)."""
     if requested is not None:
         return max(1, int(requested))
     if os.environ.get(ENV_VAR, "").strip().isdigit():
         return max(1, int(os.environ[ENV_VAR]))
-    if size < PARALLEL_FROM:
+    if size < PARALLEL_FROM or (width is not None and width < PARALLEL_WIDTH):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, int(cores - busy_elsewhere() + 0.5)))
+
+
+def threads_for_sizes(sizes, requested: int | None = None) -> int:
+    """`threads_for` the LMI of a chain with these layer sizes (input, hidden..., output): its blocks are
+    the hidden widths and the input width, reduced to the first hidden width when wider (the LMI methods
+    replace W_0 by its thin-QR factor)."""
+    sizes = [int(s) for s in sizes]
+    blocks = [min(sizes[0], sizes[1])] + sizes[1:-1] if len(sizes) > 2 else sizes[:1]
+    return threads_for(sum(blocks), requested, width=max(blocks))
 
 
 def busy_elsewhere() -> float:

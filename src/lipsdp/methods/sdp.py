@@ -144,6 +144,13 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
     """The structured interior point, then the best verified candidate: the solver's multipliers or the
     layer-by-layer ones it started from (so the result is never looser than `sequential`), with the
     proven lower bound on the optimum from the solver's dual iterate."""
+    from lipsdp.heap import retained_heap
+
+    with retained_heap():  # solver, certificates and the sequential candidate reuse their temporaries
+        return _structured_candidates(net, per_neuron, time_limit)
+
+
+def _structured_candidates(net: Network, per_neuron: bool, time_limit: float | None) -> MethodOutput:
     from lipsdp.methods.ipm import solve_lipsdp_ipm
     from lipsdp.methods.sequential import sequential
 
