@@ -112,7 +112,8 @@ class BlockCholesky:
     @cached_property
     def inverse_lowers(self) -> list[np.ndarray]:
         """D_k^-1 (lower triangular): solves become products (the interior-point method's steps and
-        step lengths need accuracy, not a proof; the certificate never uses this class)."""
+        step lengths need accuracy, not a proof; the certificate only asks whether the factorisation
+        succeeds and never solves with it)."""
         return [sla.solve_triangular(d, np.eye(d.shape[0]), lower=True, check_finite=False) for d in self.lowers]
 
     def solve_lower(self, b: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ that the load average says are free.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 # LMI size (sum of the widths but the output) and widest block from which extra threads pay for themselves
@@ -36,7 +36,7 @@ def threads_for(size: int, requested: int | None = None, width: int | None = Non
     return max(1, min(cores, int(cores - busy_elsewhere() + 0.5)))
 
 
-def threads_for_sizes(sizes, requested: int | None = None) -> int:
+def threads_for_sizes(sizes: Sequence[int], requested: int | None = None) -> int:
     """`threads_for` the LMI of a chain with these layer sizes (input, hidden..., output): its blocks are
     the hidden widths and the input width, reduced to the first hidden width when wider (the LMI methods
     replace W_0 by its thin-QR factor)."""
