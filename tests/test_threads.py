@@ -54,7 +54,7 @@ def test_busy_neighbours_are_seen_at_once(monkeypatch):
 def test_lmi_blocks_decide(monkeypatch):
     """The rule looks at the LMI actually solved: a wide input is reduced to the first hidden width, and
     narrow blocks (whose kernels do not scale) get one thread however many there are."""
-    import lipsdp.threads as threads
+    from lipsdp import threads
 
     monkeypatch.delenv("LIPSDP_THREADS", raising=False)
     monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
