@@ -1,5 +1,5 @@
-"""Keep freed memory in the process while the interior-point method runs, so that its large temporaries
-are reused instead of page-faulted in afresh.
+"""Keep freed memory in the process while the interior-point method runs (`methods.sdp` wraps the solver,
+its certificates and candidates), so that large temporaries are reused instead of page-faulted in afresh.
 
 Why: the LMI methods allocate arrays of tens to hundreds of MiB many times per iteration (products with
 U, the Schur complement matrix, dense solves). glibc serves each from a fresh mmap and returns it to the
