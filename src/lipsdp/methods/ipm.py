@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.linalg as sla
 
-from lipsdp.heap import retained_heap
 from lipsdp.lmi import (
     Balancing,
     BlockCholesky,
@@ -350,13 +349,6 @@ def solve_lipsdp_ipm(
     ill-conditioned networks well conditioned; the answer is mapped back. When a run stalls (or breaks
     down) it is restarted from its best multipliers, re-balanced so that F is equilibrated there.
     """
-    with retained_heap():  # the iterations' large temporaries are reused, not page-faulted in afresh
-        return _solve(net, per_neuron, tol, max_iter, time_limit, restarts)
-
-
-def _solve(
-    net: Network, per_neuron: bool, tol: float, max_iter: int, time_limit: float | None, restarts: int
-) -> IPMResult:
     start = time.perf_counter()
     original = net
     net, lift = _reduce_input(net)
