@@ -51,44 +51,78 @@ def _torch_activation(name: str, param: float | None, h, smooth: float | None):
     raise ValueError(f"no torch implementation for activation {name}")
 
 
-def _forward_fn(net: Network, smooth: float | None):
-    import torch
+# A weight with at most this fraction of nonzeros (and at least SPARSE_MIN_SIZE entries) is multiplied as a
+# sparse matrix: lowered convolutions and max-pool comparators are mostly zeros (Convnet_maxpool's 9216 x 9816
+# comparator layer has a few nonzeros per row), and dense products of them made the search take minutes.
+SPARSE_DENSITY, SPARSE_MIN_SIZE = 0.05, 1 << 16
 
-    ws = [torch.from_numpy(w) for w in net.weights]
-    bs = [torch.from_numpy(b) for b in net.biases]
-    acts = [[] if isinstance(a, Reflect) else activation_parts(a.base if isinstance(a, Mixed) else a)
-            for a in net.activations]  # parts in order
-    # Pass-through neurons of Mixed layers keep their pre-activation; a Reflect layer's |.| neurons are flipped.
-    passing = [torch.from_numpy(a.mask()) if isinstance(a, Mixed) else None for a in net.activations]
-    flipping = [torch.from_numpy(a.mask()) if isinstance(a, Reflect) else None for a in net.activations]
 
-    def f(x):
-        h = x
-        for k, (w, b) in enumerate(zip(ws, bs)):
-            h = w @ h + b
-            if k < len(acts):
-                pre = h
-                for part in acts[k]:
-                    h = _torch_activation(part.name, part.param, h, smooth)
-                if passing[k] is not None:
-                    h = torch.where(passing[k], pre, h)
-                if flipping[k] is not None:
-                    h = torch.where(flipping[k], _torch_activation("abs", None, h, smooth), h)
+class _Layers:
+    """The chain in torch, on inputs stored as columns (n_0, batch): each weight dense or sparse, each
+    activation elementwise (so its derivative is the gradient of its sum)."""
+
+    def __init__(self, net: Network) -> None:
+        import torch
+
+        self.weights, self.transposes = [], []
+        for w in net.weights:
+            sparse = w.size >= SPARSE_MIN_SIZE and np.count_nonzero(w) <= SPARSE_DENSITY * w.size
+            t = torch.from_numpy(w)
+            self.weights.append(t.to_sparse() if sparse else t)
+            self.transposes.append(t.T.contiguous().to_sparse() if sparse else t.T)
+        self.biases = [torch.from_numpy(b)[:, None] for b in net.biases]
+        self.parts = [[] if isinstance(a, Reflect) else activation_parts(a.base if isinstance(a, Mixed) else a)
+                      for a in net.activations]  # parts in order
+        # Pass-through neurons of Mixed layers keep their pre-activation; a Reflect layer's |.| neurons are flipped.
+        self.passing = [torch.from_numpy(a.mask())[:, None] if isinstance(a, Mixed) else None for a in net.activations]
+        self.flipping = [torch.from_numpy(a.mask())[:, None] if isinstance(a, Reflect) else None for a in net.activations]
+
+    def activate(self, k: int, z, smooth: float | None):
+        import torch
+
+        h = z
+        for part in self.parts[k]:
+            h = _torch_activation(part.name, part.param, h, smooth)
+        if self.passing[k] is not None:
+            h = torch.where(self.passing[k], z, h)
+        if self.flipping[k] is not None:
+            h = torch.where(self.flipping[k], _torch_activation("abs", None, h, smooth), h)
         return h
 
-    return f
+    def jacobians(self, x, smooth: float | None):
+        """J_f at each column of x, as a (batch, n_out, n_0) tensor; differentiable in x when x requires it.
+
+        J = W_l D_(l-1) W_(l-1) ... D_0 W_0 with D_k the activation's derivative at the pre-activations,
+        accumulated from the output side on all samples at once (n_out columns per sample)."""
+        import torch
+
+        h, slopes = x, []
+        for k in range(len(self.weights) - 1):
+            z = self.weights[k] @ h + self.biases[k]
+            with torch.enable_grad():
+                zz = z if z.requires_grad else z.detach().requires_grad_()
+                y = self.activate(k, zz, smooth)
+                (d,) = torch.autograd.grad(y.sum(), zz, create_graph=z.requires_grad)
+            slopes.append(d)
+            h = y if z.requires_grad else y.detach()
+        batch = x.shape[1]
+        m = self.weights[-1].shape[0]
+        g = self.transposes[-1].to_dense() if self.transposes[-1].is_sparse else self.transposes[-1]
+        g = g[:, None, :].expand(-1, batch, -1)  # (n_l, batch, n_out)
+        for k in range(len(self.weights) - 2, -1, -1):
+            g = (slopes[k][:, :, None] * g).reshape(g.shape[0], batch * m)
+            g = (self.transposes[k] @ g).reshape(-1, batch, m)
+        return g.permute(1, 2, 0)
 
 
 def jacobian_norms(net: Network, points: np.ndarray) -> np.ndarray:
     """Exact ||J_f(x)||_2 for each row x of `points`."""
     import torch
-    from torch.func import jacrev, vmap
 
-    f = _forward_fn(net, None)
-    x = torch.as_tensor(np.atleast_2d(points), dtype=torch.float64)
+    layers = _Layers(net)
+    x = torch.as_tensor(np.atleast_2d(points), dtype=torch.float64).T
     with torch.no_grad():
-        jac = vmap(jacrev(f))(x)
-        return torch.linalg.matrix_norm(jac, ord=2).numpy()
+        return torch.linalg.matrix_norm(layers.jacobians(x, None), ord=2).numpy()
 
 
 def lower_bound(
@@ -100,7 +134,6 @@ def lower_bound(
     Reproducible for a given seed.
     """
     import torch
-    from torch.func import jacrev, vmap
 
     rng = np.random.default_rng(seed)
     n0 = net.sizes[0]
@@ -120,10 +153,10 @@ def lower_bound(
     opt = torch.optim.Adam([x], lr=0.05 * float(np.mean(np.abs(x0)) + 1e-3))
     piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu", "abs", "reflect")
                     for a in net.activations)
+    layers = _Layers(net)
     for step in range(steps):
         sharpness = 5.0 * (200.0 / 5.0) ** (step / max(steps - 1, 1)) if piecewise else None
-        f = _forward_fn(net, sharpness)
-        jac = vmap(jacrev(f))(x)
+        jac = layers.jacobians(x.T, sharpness)
         loss = -torch.linalg.matrix_norm(jac, ord=2).sum()
         if not loss.requires_grad:  # the Jacobian does not depend on x (all-identity net): nothing to ascend
             break
