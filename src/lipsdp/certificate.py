@@ -66,7 +66,9 @@ def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, BlockTridi
 
 
 def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
-    return BlockTridiagonal([f0.diag[0] + rho * np.eye(f0.diag[0].shape[0])] + f0.diag[1:], f0.upper)
+    first = f0.diag[0].copy()
+    np.einsum("ii->i", first)[...] += rho  # = f0 + rho I, without an n x n identity
+    return BlockTridiagonal([first] + f0.diag[1:], f0.upper)
 
 
 def prove_positive_definite(

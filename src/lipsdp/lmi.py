@@ -83,7 +83,7 @@ class BlockTridiagonal:
         same arithmetic as a dense Cholesky that skips the structural zeros."""
         lowers, subs = [], []
         for k, d in enumerate(self.diag):
-            a = d - shift * np.eye(d.shape[0]) if shift else d
+            a = _minus_diagonal(d, shift) if shift else d
             if k > 0:
                 # block (k, k-1) of L is U_{k-1}' L_{k-1}^{-T}
                 s = sla.solve_triangular(lowers[-1], self.upper[k - 1], lower=True, check_finite=False).T
@@ -179,15 +179,16 @@ def negated_lmi(net: Network, rho: float, t: np.ndarray, absolute: bool = False)
         w = mag(ws[k])
         if k < l:
             s = mag(2.0 * net.alphas[k] * net.betas[k] * ts[k])
-            block = w.T @ (s[:, None] * w)
+            # zero for ReLU-type slopes (a = 0): skip the n_k x n_(k-1) x n_(k-1) product of zeros
+            block = w.T @ (s[:, None] * w) if np.any(s) else np.zeros((w.shape[1], w.shape[1]))
             c = mag((net.alphas[k] + net.betas[k]) * ts[k])
             upper.append(sign * (w.T * c[None, :]))
         else:
             block = sign * (w.T @ w)
-        if k == 0:
-            block = block + rho * np.eye(w.shape[1])
-        else:
-            block = block + np.diag(2.0 * mag(ts[k - 1]))
+        # in place on the diagonal (block is this loop's own array): the same floats as adding rho I or
+        # diag(2 t), without an n x n temporary
+        diagonal = np.einsum("ii->i", block)
+        diagonal += rho if k == 0 else 2.0 * mag(ts[k - 1])
         diag.append(block)
     return BlockTridiagonal(diag, upper)
 
@@ -257,9 +258,18 @@ def sequential_multipliers(net: Network) -> np.ndarray:
 
 
 def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau: float) -> np.ndarray:
-    p = x + tau * (w.T @ (ab[:, None] * w))
+    p = x + tau * (w.T @ (ab[:, None] * w)) if np.any(ab) else x
     dw = d[:, None] * w
-    return 2.0 * tau * np.eye(w.shape[0]) - tau * tau * (dw @ np.linalg.solve(p, dw.T))
+    out = -(tau * tau) * (dw @ np.linalg.solve(p, dw.T))
+    np.einsum("ii->i", out)[...] += 2.0 * tau  # 2 tau I - ..., without an n x n identity
+    return out
+
+
+def _minus_diagonal(a: np.ndarray, shift: float) -> np.ndarray:
+    """a - shift I (a copy), the same floats as forming shift I first."""
+    out = a.copy()
+    np.einsum("ii->i", out)[...] -= shift
+    return out
 
 
 def _tau_cap(chol, w: np.ndarray, ab: np.ndarray) -> float:
