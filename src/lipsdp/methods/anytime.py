@@ -514,6 +514,13 @@ def anytime(
                                f"torch-{device}", notes)
     # The best iterate, certified; should its proof fail (then the certificate repairs it, at a cost), the
     # best iterates of the earlier smoothing levels are tried too and the tightest verified bound is kept.
+    # Without real progress (e.g. a budget spent before the first step on a CNN, where one certificate takes
+    # a minute) only the start is certified: the iterate is then the start with a margin.
+    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
+        # no real progress: the start itself (exactly the layer-by-layer multipliers, without the margin) may
+        # certify a hair tighter, and `sequential` must never be tighter than this method
+        start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))
+        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
     out = None
     earlier = sorted((c for c in obj.candidates if c[1] is not obj.best_s), key=lambda c: c[0])
     for rho, s in [(obj.best_rho, obj.best_s), *earlier[:FALLBACK_CANDIDATES]]:
@@ -524,13 +531,6 @@ def anytime(
             out = candidate
         if not candidate.upper > raw * (1.0 + 1e-3):
             break
-    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
-        # no real progress: the start itself (exactly the layer-by-layer multipliers, without the margin) may
-        # certify a hair tighter, and `sequential` must never be tighter than this method
-        start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))
-        candidate = verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
-        if candidate.upper < out.upper:
-            out = candidate
     return out
 
 
