@@ -179,6 +179,11 @@ def test_local_margin_certifies_and_is_sound():
     assert sorted(cert.lipschitz) == [j for j in range(10) if j != 0]
     assert all(cert.margins[j] > cert.lipschitz[j] * cert.radius for j in cert.lipschitz)
     assert not falsify(read_vnnlib(paths[0]))
+    failed = local[1]  # bounded smallest margin first, and no further once one class fails
+    assert len(failed.lipschitz) == 1
+    (j,) = failed.lipschitz
+    assert failed.margins[j] == min(failed.margins.values())
+    assert failed.margins[j] <= failed.lipschitz[j] * failed.radius
     glob_ = certify_properties(MNIST_NET, paths[:1], method="naive", bound="pair")[0]
     assert not glob_.certified and min(glob_.lipschitz.values()) > 100
 

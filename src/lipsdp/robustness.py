@@ -258,7 +258,8 @@ def certify_properties(
     there are many properties); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
     f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
     bound='local': a bound of f_label - f_j valid on each property's box (`estimate(..., region=Box(low,
-    high), pair=...)`, tighter, one per property and target). The
+    high), pair=...)`, tighter, one per property and target, smallest margin first, stopping at the first
+    class that fails). The
     certificate is sound: a certified property has no counter-example in its box. Margins come from float64
     logits at the box centre, reduced by a rounding allowance before the comparison.
     """
@@ -304,7 +305,9 @@ def certify_properties(
         lipschitz: dict[int, float] = {}
         certified = predicted == label and all(m > 0 for m in margins.values())
         region = Box(prop.low, prop.high)
-        for j in prop.targets:
+        # smallest margin first: the class most likely to fail, so an uncertifiable property costs one local
+        # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
+        for j in sorted(prop.targets, key=lambda j: margins[j]):
             if not certified and (bound == "local" or predicted != label):
                 break  # local bounds cost a solve each: stop at the first class that fails
             if bound == "pair":
