@@ -11,7 +11,9 @@ verified bound L of the whole network, and a property counts as certified when e
 at the box centre exceeds sqrt(2) L times the box's l2 radius; "L" is that bound (read back from the
 certificate). local: a bound of each f_label - f_j valid on the property's box only (slopes tightened by
 interval bounds), solved per property and class until one fails; "L" is then the largest local bound
-used. "lower" is the largest Jacobian norm `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps),
+used. "beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
+is already steeper than margin / radius, so that no Lipschitz bound can certify them
+(`lipsdp.robustness.secant_floors`; local solves are skipped there). "lower" is the largest Jacobian norm `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps),
 in its own process; it bounds the global L from below.
 """
 
@@ -42,7 +44,8 @@ def _certify(net: str, tier: str, bound: str, budget: float, queue) -> None:
     bounds = [v for r in results for v in r.lipschitz.values()]
     upper = max(bounds) / (math.sqrt(2.0) if bound == "global" else 1.0) if bounds else float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    queue.put((upper, seconds, peak, sum(r.certified for r in results), len(results)))
+    beyond = sum(r.beyond_reach is not None for r in results)
+    queue.put((upper, seconds, peak, sum(r.certified for r in results), beyond, len(results)))
 
 
 def _lower(net: str, queue) -> None:
@@ -65,8 +68,9 @@ def main() -> None:
     args = parser.parse_args()
     if not CNN.is_dir():
         raise SystemExit(f"{CNN} is absent")
-    print("| net | tier | bound | verified L | lower | L / lower | s (bound + certification) | peak MiB | certified |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| net | tier | bound | verified L | lower | L / lower | s (bound + certification) | peak MiB | certified "
+          "| beyond any Lipschitz margin |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for net in args.nets:
         low = run_spawned(_lower, (net,), args.lower_timeout)
         lower = low[0] if low else float("nan")
@@ -75,12 +79,13 @@ def main() -> None:
                 out = run_spawned(_certify, (net, tier, bound, args.budget), args.timeout)
                 row = f"| {net} | {tier} | {bound} | "
                 if out is None:
-                    print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - |", flush=True)
+                    print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - |", flush=True)
                     continue
-                upper, seconds, peak, certified, total = out
+                upper, seconds, peak, certified, beyond, total = out
                 ratio = f"{upper / lower:.3g}" if bound == "global" else "-"
                 print(
-                    row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {certified}/{total} |",
+                    row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {certified}/{total} "
+                    f"| {beyond}/{total} |",
                     flush=True,
                 )
 

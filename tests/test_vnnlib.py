@@ -275,3 +275,58 @@ def test_all_mnistfc_properties_local_sequential_are_sound():
     assert MNISTFC / "prop_11_0.03.vnnlib" in certified
     for path in certified:
         assert not falsify(read_vnnlib(path), samples=500, seed=1)
+
+
+def _robustness_property(low, high, n_out, label):
+    from lipsdp.io.vnnlib import LinearConstraint, VnnlibProperty
+
+    targets = tuple(j for j in range(n_out) if j != label)
+    unsafe = [[LinearConstraint(np.eye(n_out)[j] - np.eye(n_out)[label], 0.0)] for j in targets]  # Y_label <= Y_j
+    return VnnlibProperty("box", np.asarray(low, float), np.asarray(high, float), n_out, unsafe, label, targets)
+
+
+def test_secant_floor_of_a_linear_net_is_its_exact_constant_on_the_box():
+    """f = A x + b: on the box, f_l - f_j moves only along the coordinates of nonzero width, so its exact
+    Lipschitz constant there is ||(a_l - a_j) restricted to them||, which the secant reproduces; a property is
+    beyond reach exactly when its margin is at most that times the l2 radius, and then it is never certified."""
+    import lipsdp
+    from lipsdp.robustness import certify_properties, secant_floors
+
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((3, 5)), rng.standard_normal(3)
+    net = lipsdp.Network.from_arrays([a], [], [b])
+    x0 = rng.standard_normal(5)
+    half = np.array([0.1, 0.05, 0.0, 0.2, 0.02])  # one coordinate of zero width
+    label = int(np.argmax(a @ x0 + b))
+    floors = secant_floors(net, x0 - half, x0 + half, label, [j for j in range(3) if j != label])
+    for j, floor in floors.items():
+        exact = np.linalg.norm(np.delete(a[label] - a[j], 2))
+        assert exact * (1 - 1e-6) <= floor <= exact  # the rounding allowance only lowers it
+    for scale in (0.5, 1.0, 4.0, 20.0):  # growing boxes: reachable first, beyond reach later
+        prop = _robustness_property(x0 - scale * half, x0 + scale * half, 3, label)
+        (cert,) = certify_properties(net, [prop], method="naive", bound="local")
+        radius = prop.l2_radius
+        expected = [j for j in sorted(floors, key=lambda j: cert.margins[j]) if floors[j] * radius >= cert.margins[j]]
+        assert cert.beyond_reach == (expected[0] if expected else None)
+        if cert.beyond_reach is not None:
+            assert not cert.certified and cert.lipschitz == {}  # no solve was spent on it
+
+
+def test_secant_floor_never_exceeds_a_verified_local_bound():
+    """On a ReLU net the secant is a lower bound of the margin's Lipschitz constant on the box: below the
+    verified local LipSDP-Neuron bound of every class pair."""
+    import lipsdp
+    from lipsdp.robustness import secant_floors
+
+    rng = np.random.default_rng(5)
+    net = lipsdp.Network.from_arrays(
+        [rng.standard_normal((12, 6)), rng.standard_normal((8, 12)), rng.standard_normal((4, 8))], "relu",
+        [rng.standard_normal(12), rng.standard_normal(8), None])
+    for trial in range(3):
+        x0, eps = rng.standard_normal(6), 0.3 * (trial + 1)
+        label = int(np.argmax(net.forward(x0)))
+        targets = [j for j in range(4) if j != label]
+        floors = secant_floors(net, x0 - eps, x0 + eps, label, targets)
+        for j in targets:
+            local = lipsdp.estimate(net, "neuron", pair=(label, j), region=lipsdp.Box(x0 - eps, x0 + eps)).upper
+            assert 0 < floors[j] <= local

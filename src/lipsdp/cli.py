@@ -413,6 +413,10 @@ def _certify_vnnlib(
     certified = sum(r.certified for r in results)
     console.print(f"{certified} of {len(results)} properties certified (no counter-example in their boxes); "
                   "'no' means the margin argument is not enough, not that a property is false", highlight=False)
+    beyond = sum(r.beyond_reach is not None for r in results)
+    if beyond:
+        console.print(f"{beyond} of them are beyond any Lipschitz margin: a secant of some f_label - f_j inside the "
+                      "box is steeper than margin / radius (a complete verifier is needed there)", highlight=False)
 
 
 @app.command()

@@ -57,7 +57,7 @@ def _torch_activation(name: str, param: float | None, h, smooth: float | None):
 SPARSE_DENSITY, SPARSE_MIN_SIZE = 0.05, 1 << 16
 
 
-class _Layers:
+class TorchChain:
     """The chain in torch, on inputs stored as columns (n_0, batch): each weight dense or sparse, each
     activation elementwise (so its derivative is the gradient of its sum)."""
 
@@ -119,7 +119,7 @@ def jacobian_norms(net: Network, points: np.ndarray) -> np.ndarray:
     """Exact ||J_f(x)||_2 for each row x of `points`."""
     import torch
 
-    layers = _Layers(net)
+    layers = TorchChain(net)
     x = torch.as_tensor(np.atleast_2d(points), dtype=torch.float64).T
     with torch.no_grad():
         return torch.linalg.matrix_norm(layers.jacobians(x, None), ord=2).numpy()
@@ -153,7 +153,7 @@ def lower_bound(
     opt = torch.optim.Adam([x], lr=0.05 * float(np.mean(np.abs(x0)) + 1e-3))
     piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu", "abs", "reflect")
                     for a in net.activations)
-    layers = _Layers(net)
+    layers = TorchChain(net)
     for step in range(steps):
         sharpness = 5.0 * (200.0 / 5.0) ** (step / max(steps - 1, 1)) if piecewise else None
         jac = layers.jacobians(x.T, sharpness)

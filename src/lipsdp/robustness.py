@@ -213,6 +213,10 @@ class PropertyCertificate:
     margins: dict[int, float] = field(repr=False)
     lipschitz: dict[int, float] = field(repr=False)
     seconds: float = 0.0
+    # A class j for which no Lipschitz bound at all can certify the property (`secant_floors`: a secant of
+    # f_label - f_j inside the box is already steeper than margin_j / radius), else None. Local solves are
+    # skipped for such a property.
+    beyond_reach: int | None = None
 
     @property
     def slack(self) -> float:
@@ -237,8 +241,54 @@ class PropertyCertificate:
             "method": self.method,
             "margins": {str(j): v for j, v in self.margins.items()},
             "lipschitz": {str(j): v for j, v in self.lipschitz.items()},
+            "beyond_reach": self.beyond_reach,
             "seconds": self.seconds,
         }
+
+
+def secant_floors(
+    net: Network, low: np.ndarray, high: np.ndarray, label: int, targets: Sequence[int], layers: Any = None
+) -> dict[int, float]:
+    """For each class j, a lower bound on the Lipschitz constant of f_label - f_j on the box [low, high]:
+    the secant slope |m(x+) - m(x-)| / ||x+ - x-|| of the margin m = f_label - f_j between two points of the
+    box, x+- = centre +- h d along the margin's gradient d at the centre (coordinates of zero width left
+    out, h as large as the box allows), reduced by an allowance for the rounding of the two evaluations.
+
+    Every Lipschitz bound of f_label - f_j valid on the box is at least this, so when it exceeds
+    margin_j / radius no Lipschitz margin (global, class-pair or local, however tight) can certify the
+    property. It is only ever used to give up early, never to certify. `layers`: `lipsdp.lower.TorchChain(net)`
+    when called for many boxes of one network."""
+    import torch
+
+    from lipsdp.lower import TorchChain
+
+    layers = TorchChain(net) if layers is None else layers
+    centre = 0.5 * (low + high)
+    half = 0.5 * (high - low)
+    jac = layers.jacobians(torch.as_tensor(centre[:, None], dtype=torch.float64), None)[0].numpy()
+    points, pairs = [], []
+    for j in targets:
+        d = np.where(half > 0, jac[label] - jac[j], 0.0)
+        free = d != 0
+        if not np.any(free):
+            continue
+        h = float(np.min(half[free] / np.abs(d[free])))
+        plus, minus = np.clip(centre + h * d, low, high), np.clip(centre - h * d, low, high)
+        if np.array_equal(plus, minus):
+            continue
+        points += [plus, minus]
+        pairs.append(j)
+    floors = {j: 0.0 for j in targets}
+    if not pairs:
+        return floors
+    pts = np.array(points)
+    ys = net.forward(pts)
+    for i, j in enumerate(pairs):
+        y_plus, y_minus = ys[2 * i], ys[2 * i + 1]
+        rise = abs((y_plus[label] - y_plus[j]) - (y_minus[label] - y_minus[j]))
+        allowance = 1e-9 * float(np.sum(np.abs(y_plus)) + np.sum(np.abs(y_minus)))  # float64 evaluation, generous
+        floors[j] = max(rise - allowance, 0.0) / float(np.linalg.norm(pts[2 * i] - pts[2 * i + 1]))
+    return floors
 
 
 def certify_properties(
@@ -297,6 +347,7 @@ def certify_properties(
         upper = estimate(net, method, workers=workers, executor=executor, **options).upper
         whole = certified_product([upper, math.nextafter(math.sqrt(2.0), math.inf)])
     out = []
+    chain = None  # the network in torch, for the secants (built once, on first use)
     tiny = 64 * np.finfo(np.float64).eps
     for prop, y in zip(props, logits):
         start = time.perf_counter()
@@ -305,6 +356,17 @@ def certify_properties(
         lipschitz: dict[int, float] = {}
         certified = predicted == label and all(m > 0 for m in margins.values())
         region = Box(prop.low, prop.high)
+        beyond = None
+        if certified:
+            if chain is None:
+                from lipsdp.lower import TorchChain
+
+                chain = TorchChain(net)
+            floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
+            beyond = next((j for j in sorted(prop.targets, key=lambda j: margins[j])
+                           if floors[j] * prop.l2_radius >= margins[j]), None)
+            if beyond is not None and bound == "local":
+                certified = False  # no local solve can change that
         # smallest margin first: the class most likely to fail, so an uncertifiable property costs one local
         # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
         for j in sorted(prop.targets, key=lambda j: margins[j]):
@@ -320,5 +382,5 @@ def certify_properties(
             needed_margin = np.nextafter(lipschitz[j] * prop.l2_radius, np.inf)
             certified = certified and margins[j] > needed_margin
         out.append(PropertyCertificate(prop.path, label, predicted, prop.l2_radius, bool(certified), bound, method,
-                                       margins, lipschitz, time.perf_counter() - start))
+                                       margins, lipschitz, time.perf_counter() - start, beyond))
     return out
