@@ -68,8 +68,13 @@ class TorchChain:
         for w in net.weights:
             sparse = w.size >= SPARSE_MIN_SIZE and np.count_nonzero(w) <= SPARSE_DENSITY * w.size
             t = torch.from_numpy(w)
-            self.weights.append(t.to_sparse() if sparse else t)
-            self.transposes.append(t.T.contiguous().to_sparse() if sparse else t.T)
+            if sparse:
+                t = t.to_sparse()
+                self.weights.append(t)
+                self.transposes.append(t.t().coalesce())  # no dense transposed copy
+            else:
+                self.weights.append(t)
+                self.transposes.append(t.T)
         self.biases = [torch.from_numpy(b)[:, None] for b in net.biases]
         self.parts = [[] if isinstance(a, Reflect) else activation_parts(a.base if isinstance(a, Mixed) else a)
                       for a in net.activations]  # parts in order
@@ -117,12 +122,16 @@ class TorchChain:
 
 def jacobian_norms(net: Network, points: np.ndarray) -> np.ndarray:
     """Exact ||J_f(x)||_2 for each row x of `points`."""
+
+    return _norms(TorchChain(net), points)
+
+
+def _norms(chain: TorchChain, points: np.ndarray) -> np.ndarray:
     import torch
 
-    layers = TorchChain(net)
     x = torch.as_tensor(np.atleast_2d(points), dtype=torch.float64).T
     with torch.no_grad():
-        return torch.linalg.matrix_norm(layers.jacobians(x, None), ord=2).numpy()
+        return torch.linalg.matrix_norm(chain.jacobians(x, None), ord=2).numpy()
 
 
 def lower_bound(
@@ -142,7 +151,8 @@ def lower_bound(
         x0 = rng.standard_normal((samples, n0)) * scales
     else:
         x0 = region.sample(samples, rng)
-    norms = jacobian_norms(net, x0)
+    layers = TorchChain(net)
+    norms = _norms(layers, x0)
     best_i = int(np.argmax(norms))
     best = LowerBound(float(norms[best_i]), x0[best_i].copy())
     if steps <= 0 or net.depth == 0:
@@ -153,7 +163,6 @@ def lower_bound(
     opt = torch.optim.Adam([x], lr=0.05 * float(np.mean(np.abs(x0)) + 1e-3))
     piecewise = any((a.base if isinstance(a, Mixed) else a).name in ("relu", "leaky_relu", "abs", "reflect")
                     for a in net.activations)
-    layers = TorchChain(net)
     for step in range(steps):
         sharpness = 5.0 * (200.0 / 5.0) ** (step / max(steps - 1, 1)) if piecewise else None
         jac = layers.jacobians(x.T, sharpness)
@@ -168,7 +177,7 @@ def lower_bound(
                 x.copy_(torch.as_tensor(region.project(x.detach().numpy())))
         if step % 10 == 9 or step == steps - 1:
             pts = x.detach().numpy()
-            vals = jacobian_norms(net, pts)
+            vals = _norms(layers, pts)
             i = int(np.argmax(vals))
             if vals[i] > best.value:
                 best = LowerBound(float(vals[i]), pts[i].copy())
