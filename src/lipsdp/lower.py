@@ -122,7 +122,6 @@ class TorchChain:
 
 def jacobian_norms(net: Network, points: np.ndarray) -> np.ndarray:
     """Exact ||J_f(x)||_2 for each row x of `points`."""
-
     return _norms(TorchChain(net), points)
 
 
