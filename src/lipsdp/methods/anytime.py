@@ -120,6 +120,7 @@ class _Objective:
         self.evaluations = 0
         self.best_rho = math.inf
         self.best_s = None
+        self.start_s = None  # the first iterate (the warm start)
         self.start_rho = math.inf
         self.candidates: list = []  # (rho, s): the best iterate at the end of each level
 
@@ -512,15 +513,13 @@ def anytime(
     if obj.best_s is None:
         return verified_output(net, bal.original_multipliers(net, t0 / (1.0 - MARGIN)), float("nan"), "ok",
                                f"torch-{device}", notes)
+    start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))  # exactly the layer-by-layer multipliers
+    if obj.best_s is obj.start_s:
+        # no step was accepted: the best iterate is the start (up to exp(log t) rounding), so one certificate
+        # (on a CNN layer of 4096 neurons a dense certificate takes a minute)
+        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
     # The best iterate, certified; should its proof fail (then the certificate repairs it, at a cost), the
     # best iterates of the earlier smoothing levels are tried too and the tightest verified bound is kept.
-    # Without real progress (e.g. a budget spent before the first step on a CNN, where one certificate takes
-    # a minute) only the start is certified: the iterate is then the start with a margin.
-    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
-        # no real progress: the start itself (exactly the layer-by-layer multipliers, without the margin) may
-        # certify a hair tighter, and `sequential` must never be tighter than this method
-        start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))
-        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
     out = None
     earlier = sorted((c for c in obj.candidates if c[1] is not obj.best_s), key=lambda c: c[0])
     for rho, s in [(obj.best_rho, obj.best_s), *earlier[:FALLBACK_CANDIDATES]]:
@@ -531,6 +530,12 @@ def anytime(
             out = candidate
         if not candidate.upper > raw * (1.0 + 1e-3):
             break
+    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
+        # no real progress: the start itself (without the margin) may certify a hair tighter, and
+        # `sequential` must never be tighter than this method
+        candidate = verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
+        if candidate.upper < out.upper:
+            out = candidate
     return out
 
 
@@ -592,7 +597,7 @@ def _descend(obj: _Objective, x, steps: int | None, deadline: float, tol: float)
     if pt is None:
         return 0, "start point outside the domain"
     obj.accept(pt)
-    obj.start_rho = pt.rho
+    obj.start_s, obj.start_rho = pt.s, pt.rho
     qn = _QuasiNewton(x.numel(), obj.kw)
     mu_rel = MU_START
     mu, eps = mu_rel * obj.best_rho, _barrier(mu_rel)
