@@ -13,8 +13,9 @@ certificate). local: a bound of each f_label - f_j valid on the property's box o
 interval bounds), solved per property and class until one fails; "L" is then the largest local bound
 used. "beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
 is already steeper than margin / radius, so that no Lipschitz bound can certify them
-(`lipsdp.robustness.secant_floors`; local solves are skipped there). "lower" is the largest Jacobian norm `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps),
-in its own process; it bounds the global L from below.
+(`lipsdp.robustness.secant_floors`; local solves are skipped there). "lower" is the largest Jacobian norm
+`lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps), in its own process; it bounds the global L
+from below.
 """
 
 from __future__ import annotations

@@ -27,7 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lipsdp.lmi import Balancing, BlockTridiagonal, negated_lmi, schur_rho, sequential_multipliers
+from lipsdp.lmi import (
+    Balancing,
+    BlockTridiagonal,
+    add_to_diagonal,
+    negated_lmi,
+    schur_rho,
+    sequential_multipliers,
+)
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -66,9 +73,7 @@ def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, BlockTridi
 
 
 def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
-    first = f0.diag[0].copy()
-    np.einsum("ii->i", first)[...] += rho  # = f0 + rho I, without an n x n identity
-    return BlockTridiagonal([first] + f0.diag[1:], f0.upper)
+    return BlockTridiagonal([add_to_diagonal(f0.diag[0].copy(), rho)] + f0.diag[1:], f0.upper)
 
 
 def prove_positive_definite(

@@ -83,7 +83,7 @@ class BlockTridiagonal:
         same arithmetic as a dense Cholesky that skips the structural zeros."""
         lowers, subs = [], []
         for k, d in enumerate(self.diag):
-            a = _minus_diagonal(d, shift) if shift else d
+            a = add_to_diagonal(d.copy(), -shift) if shift else d
             if k > 0:
                 # block (k, k-1) of L is U_{k-1}' L_{k-1}^{-T}
                 s = sla.solve_triangular(lowers[-1], self.upper[k - 1], lower=True, check_finite=False).T
@@ -185,11 +185,8 @@ def negated_lmi(net: Network, rho: float, t: np.ndarray, absolute: bool = False)
             upper.append(sign * (w.T * c[None, :]))
         else:
             block = sign * (w.T @ w)
-        # in place on the diagonal (block is this loop's own array): the same floats as adding rho I or
-        # diag(2 t), without an n x n temporary
-        diagonal = np.einsum("ii->i", block)
-        diagonal += rho if k == 0 else 2.0 * mag(ts[k - 1])
-        diag.append(block)
+        # block is this loop's own array: the same floats as adding rho I or diag(2 t)
+        diag.append(add_to_diagonal(block, rho if k == 0 else 2.0 * mag(ts[k - 1])))
     return BlockTridiagonal(diag, upper)
 
 
@@ -260,16 +257,14 @@ def sequential_multipliers(net: Network) -> np.ndarray:
 def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau: float) -> np.ndarray:
     p = x + tau * (w.T @ (ab[:, None] * w)) if np.any(ab) else x
     dw = d[:, None] * w
-    out = -(tau * tau) * (dw @ np.linalg.solve(p, dw.T))
-    np.einsum("ii->i", out)[...] += 2.0 * tau  # 2 tau I - ..., without an n x n identity
-    return out
+    return add_to_diagonal(-(tau * tau) * (dw @ np.linalg.solve(p, dw.T)), 2.0 * tau)  # 2 tau I - ...
 
 
-def _minus_diagonal(a: np.ndarray, shift: float) -> np.ndarray:
-    """a - shift I (a copy), the same floats as forming shift I first."""
-    out = a.copy()
-    np.einsum("ii->i", out)[...] -= shift
-    return out
+def add_to_diagonal(a: np.ndarray, values: float | np.ndarray) -> np.ndarray:
+    """a + diag(values), in place on the square array a (returned): the same floats as adding a formed
+    diagonal matrix (off the diagonal x + 0 = x), without an n x n temporary."""
+    np.einsum("ii->i", a)[...] += values
+    return a
 
 
 def _tau_cap(chol, w: np.ndarray, ab: np.ndarray) -> float:

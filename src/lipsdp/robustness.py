@@ -20,6 +20,7 @@ import numpy as np
 
 from lipsdp.certificate import certified_product
 from lipsdp.errors import LipSDPError
+from lipsdp.lower import TorchChain
 from lipsdp.network import Network, pair_network
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,8 @@ class PropertyCertificate:
 
 
 def secant_floors(
-    net: Network, low: np.ndarray, high: np.ndarray, label: int, targets: Sequence[int], layers: Any = None
+    net: Network, low: np.ndarray, high: np.ndarray, label: int, targets: Sequence[int],
+    chain: TorchChain | None = None,
 ) -> dict[int, float]:
     """For each class j, a lower bound on the Lipschitz constant of f_label - f_j on the box [low, high]:
     the secant slope |m(x+) - m(x-)| / ||x+ - x-|| of the margin m = f_label - f_j between two points of the
@@ -256,16 +258,14 @@ def secant_floors(
 
     Every Lipschitz bound of f_label - f_j valid on the box is at least this, so when it exceeds
     margin_j / radius no Lipschitz margin (global, class-pair or local, however tight) can certify the
-    property. It is only ever used to give up early, never to certify. `layers`: `lipsdp.lower.TorchChain(net)`
-    when called for many boxes of one network."""
+    property. It is only ever used to give up early, never to certify. `chain`: `TorchChain(net)` when
+    called for many boxes of one network."""
     import torch
 
-    from lipsdp.lower import TorchChain
-
-    layers = TorchChain(net) if layers is None else layers
+    chain = TorchChain(net) if chain is None else chain
     centre = 0.5 * (low + high)
     half = 0.5 * (high - low)
-    jac = layers.jacobians(torch.as_tensor(centre[:, None], dtype=torch.float64), None)[0].numpy()
+    jac = chain.jacobians(torch.as_tensor(centre[:, None], dtype=torch.float64), None)[0].numpy()
     points, pairs = [], []
     for j in targets:
         d = np.where(half > 0, jac[label] - jac[j], 0.0)
@@ -356,20 +356,17 @@ def certify_properties(
         lipschitz: dict[int, float] = {}
         certified = predicted == label and all(m > 0 for m in margins.values())
         region = Box(prop.low, prop.high)
-        beyond = None
-        if certified:
-            if chain is None:
-                from lipsdp.lower import TorchChain
-
-                chain = TorchChain(net)
-            floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
-            beyond = next((j for j in sorted(prop.targets, key=lambda j: margins[j])
-                           if floors[j] * prop.l2_radius >= margins[j]), None)
-            if beyond is not None and bound == "local":
-                certified = False  # no local solve can change that
         # smallest margin first: the class most likely to fail, so an uncertifiable property costs one local
         # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
-        for j in sorted(prop.targets, key=lambda j: margins[j]):
+        order = sorted(prop.targets, key=margins.__getitem__)
+        beyond = None
+        if certified:
+            chain = TorchChain(net) if chain is None else chain
+            floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
+            beyond = next((j for j in order if floors[j] * prop.l2_radius >= margins[j]), None)
+            if beyond is not None and bound == "local":
+                certified = False  # no local solve can change that
+        for j in order:
             if not certified and (bound == "local" or predicted != label):
                 break  # local bounds cost a solve each: stop at the first class that fails
             if bound == "pair":

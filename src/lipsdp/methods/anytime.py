@@ -510,14 +510,17 @@ def anytime(
             f"in {seconds:.1f} s; stopped: {reason}"
         )
     ]
-    if obj.best_s is None:
-        return verified_output(net, bal.original_multipliers(net, t0 / (1.0 - MARGIN)), float("nan"), "ok",
-                               f"torch-{device}", notes)
     start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))  # exactly the layer-by-layer multipliers
+    if obj.best_s is None:
+        return verified_output(net, start_t, float("nan"), "ok", f"torch-{device}", notes)
+
+    def certified_start() -> MethodOutput:
+        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
+
     if obj.best_s is obj.start_s:
         # no step was accepted: the best iterate is the start (up to exp(log t) rounding), so one certificate
         # (on a CNN layer of 4096 neurons a dense certificate takes a minute)
-        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
+        return certified_start()
     # The best iterate, certified; should its proof fail (then the certificate repairs it, at a cost), the
     # best iterates of the earlier smoothing levels are tried too and the tightest verified bound is kept.
     out = None
@@ -533,7 +536,7 @@ def anytime(
     if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
         # no real progress: the start itself (without the margin) may certify a hair tighter, and
         # `sequential` must never be tighter than this method
-        candidate = verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
+        candidate = certified_start()
         if candidate.upper < out.upper:
             out = candidate
     return out
