@@ -43,8 +43,9 @@ One multiplier per channel first. On a CNN (a hidden layer that is a recorded co
 descent first moves log t only within the subspace s0 + P x, one variable x_c per channel (every neuron of
 a channel scaled by the same factor from the warm start; dense layers keep one per neuron), for
 TIED_FRACTION of the budget or of the steps, then goes on per neuron from the best point. Every point of
-the subspace is a multiplier vector like any other, so nothing changes for soundness; with about 25x
-fewer variables the quasi-Newton model is good after far fewer of the (seconds-long) evaluations.
+the subspace is a multiplier vector like any other, so nothing changes for soundness; with far fewer
+variables (124 instead of 3172 on a CIFAR-10 CNN) the quasi-Newton model is good after far fewer of the
+(seconds-long) evaluations.
 
 It stops when the time `budget` or the `steps` are used up, or when it has converged: at the finest
 smoothing, repeated fresh restarts from the best point gain less than `tol` (relative). The notes say how
