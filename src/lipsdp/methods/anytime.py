@@ -590,19 +590,12 @@ def anytime(
         obj = _Objective(net_m, device)
         s0 = torch.as_tensor(np.log(t0), **obj.kw)
         tied = _channel_groups(net) if TIED_FRACTION > 0.0 else None
-        steps_done, reason, tied_note = 0, "", None
+        steps_done, tied_note = 0, None
         if tied is not None:
-            groups, n_groups = tied
-            sub = _Tied(obj, s0, torch.as_tensor(groups, device=s0.device), n_groups)
-            phase_end = min(deadline, start + TIED_FRACTION * budget) if budget is not None else deadline
+            phase_end = start + TIED_FRACTION * budget if budget is not None else math.inf
             tied_steps = None if steps is None else int(TIED_FRACTION * steps)
-            steps_done, reason = _descend(sub, torch.zeros(n_groups, **obj.kw), tied_steps, phase_end, tol)
-            obj.candidates.extend((rho, sub.full(x)) for rho, x in sub.candidates)
-            if sub.start_s is not None:
-                obj.start_rho = sub.start_rho
-                obj.start_s = obj.best_s if sub.best_s is sub.start_s else sub.full(sub.start_s)
-            log.info("anytime: %d tied steps over %d channel groups, rho %.6g", steps_done, n_groups, obj.best_rho)
-            tied_note = f"the first {steps_done} of them on one multiplier per channel ({n_groups} variables)"
+            steps_done = _channel_phase(obj, s0, tied, tied_steps, phase_end, tol)
+            tied_note = f"the first {steps_done} of them on one multiplier per channel ({tied[1]} variables)"
             s0 = obj.best_s if obj.best_s is not None else s0
         more, reason = _descend(obj, s0, None if steps is None else max(steps - steps_done, 0), deadline, tol)
         steps_done += more
@@ -699,6 +692,21 @@ def _feasible_start(net: Network, net_b: Network, net_m: Network, bal: Balancing
         if rho is not None and rho < best_rho:
             best, best_rho = t, rho
     return best
+
+
+def _channel_phase(obj: _Objective, s0, tied: tuple[np.ndarray, int], steps: int | None, deadline: float,
+                   tol: float) -> int:
+    """The descent on one multiplier per channel (`_Tied`) from s0; its best point, candidates and start are
+    recorded in `obj` in full coordinates. Returns the steps taken."""
+    groups, n_groups = tied
+    sub = _Tied(obj, s0, obj.torch.as_tensor(groups, device=s0.device), n_groups)
+    done, _ = _descend(sub, obj.torch.zeros(n_groups, **obj.kw), steps, deadline, tol)
+    obj.candidates.extend((rho, sub.full(x)) for rho, x in sub.candidates)
+    if sub.start_s is not None:  # the start is obj's best point itself until a step improved on it
+        obj.start_rho = sub.start_rho
+        obj.start_s = obj.best_s if sub.best_s is sub.start_s else sub.full(sub.start_s)
+    log.info("anytime: %d tied steps over %d channel groups, rho %.6g", done, n_groups, obj.best_rho)
+    return done
 
 
 def _descend(obj: _Objective, x, steps: int | None, deadline: float, tol: float) -> tuple[int, str]:
