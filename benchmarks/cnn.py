@@ -3,7 +3,11 @@ and peak memory, and the VNN-LIB properties it certifies.
 
     python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool]
                              [--tiers naive sequential anytime] [--bounds global local] [--budget 240]
-                             [--timeout 600]
+                             [--timeout 600] [--cnn DIR] [--props DIR]
+
+`--cnn DIR` reads the nets (NAME.onnx) from another folder, e.g. further VNN-COMP CNNs; a net with no
+VNN-LIB folder (`--props DIR`/<its benchmark>, or DIR/NAME) gets its global bound only (`lipsdp estimate`),
+with "certified" left empty.
 
 Each (net, tier, bound) runs in a fresh spawned process (peak memory = its max RSS; a run past --timeout is
 killed and reported as such). A run is `lipsdp certify NET PROPS --bound BOUND --method TIER`. global: one
@@ -34,13 +38,26 @@ PROPS = ROOT.parent / "shared" / "realnets" / "vnnlib"
 NETS = {"cifar_base_kw": "oval21", "resnet_2b": "resnet2b", "Convnet_maxpool": "maxpool"}
 
 
-def _certify(net: str, tier: str, bound: str, budget: float, queue) -> None:
+def _properties(props_dir: Path, net: str) -> list[Path]:
+    """The VNN-LIB files of `net`: its benchmark's folder (NETS) or a folder named after it."""
+    folder = props_dir / NETS.get(net, net)
+    return sorted(folder.glob("*.vnnlib")) if folder.is_dir() else []
+
+
+def _certify(cnn: Path, props_dir: Path, net: str, tier: str, bound: str, budget: float, queue) -> None:
     from lipsdp.robustness import certify_properties
 
-    props = sorted((PROPS / NETS[net]).glob("*.vnnlib"))
+    props = _properties(props_dir, net)
     options = {"budget": budget} if tier == "anytime" else {}
     start = time.perf_counter()
-    results = certify_properties(CNN / f"{net}.onnx", props, method=tier, bound=bound, **options)
+    if not props:
+        import lipsdp
+
+        result = lipsdp.estimate(cnn / f"{net}.onnx", method=tier, **options)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        queue.put((result.upper, time.perf_counter() - start, peak, None, None, 0))
+        return
+    results = certify_properties(cnn / f"{net}.onnx", props, method=tier, bound=bound, **options)
     seconds = time.perf_counter() - start
     bounds = [v for r in results for v in r.lipschitz.values()]
     upper = max(bounds) / (math.sqrt(2.0) if bound == "global" else 1.0) if bounds else float("nan")
@@ -49,12 +66,12 @@ def _certify(net: str, tier: str, bound: str, budget: float, queue) -> None:
     queue.put((upper, seconds, peak, sum(r.certified for r in results), beyond, len(results)))
 
 
-def _lower(net: str, queue) -> None:
+def _lower(cnn: Path, net: str, queue) -> None:
     import lipsdp
     from lipsdp.lower import lower_bound
 
     start = time.perf_counter()
-    value = lower_bound(lipsdp.load_network(CNN / f"{net}.onnx"), samples=64, steps=20).value
+    value = lower_bound(lipsdp.load_network(cnn / f"{net}.onnx"), samples=64, steps=20).value
     queue.put((value, time.perf_counter() - start))
 
 
@@ -66,29 +83,30 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=240.0, help="seconds of the anytime tier")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--lower-timeout", type=float, default=300.0)
+    parser.add_argument("--cnn", type=Path, default=CNN, help="folder of the nets (NAME.onnx)")
+    parser.add_argument("--props", type=Path, default=PROPS, help="folder of the VNN-LIB folders")
     args = parser.parse_args()
-    if not CNN.is_dir():
-        raise SystemExit(f"{CNN} is absent")
+    if not args.cnn.is_dir():
+        raise SystemExit(f"{args.cnn} is absent")
     print("| net | tier | bound | verified L | lower | L / lower | s (bound + certification) | peak MiB | certified "
           "| beyond any Lipschitz margin |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for net in args.nets:
-        low = run_spawned(_lower, (net,), args.lower_timeout)
+        low = run_spawned(_lower, (args.cnn, net), args.lower_timeout)
         lower = low[0] if low else float("nan")
         for tier in args.tiers:
             for bound in args.bounds:
-                out = run_spawned(_certify, (net, tier, bound, args.budget), args.timeout)
+                if bound == "local" and not _properties(args.props, net):
+                    continue  # a local bound needs the properties' boxes
+                out = run_spawned(_certify, (args.cnn, args.props, net, tier, bound, args.budget), args.timeout)
                 row = f"| {net} | {tier} | {bound} | "
                 if out is None:
                     print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - |", flush=True)
                     continue
                 upper, seconds, peak, certified, beyond, total = out
                 ratio = f"{upper / lower:.3g}" if bound == "global" else "-"
-                print(
-                    row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {certified}/{total} "
-                    f"| {beyond}/{total} |",
-                    flush=True,
-                )
+                counts = f"{certified}/{total} | {beyond}/{total}" if total else "- | -"
+                print(row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {counts} |", flush=True)
 
 if __name__ == "__main__":
     main()
