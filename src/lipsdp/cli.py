@@ -142,6 +142,10 @@ def estimate(
     method: Annotated[str, typer.Option("--method", "-m", help="bounding method (see `lipsdp methods`)")] = "neuron",
     solver: Annotated[str | None, typer.Option(help="SDP solver: clarabel, scs, mosek")] = None,
     split: Annotated[int | None, typer.Option(help="split into pieces of K weight matrices")] = None,
+    pools: Annotated[
+        str,
+        typer.Option(help="max pools that factor the graph: compose (bound the parts, times sqrt(m)) or exact"),
+    ] = "compose",
     workers: Annotated[int, typer.Option(help="parallel worker processes")] = 1,
     lower: Annotated[bool, typer.Option("--lower", help="also compute a lower bound")] = False,
     seed: Annotated[int, typer.Option(help="random seed for the lower bound")] = 0,
@@ -214,7 +218,8 @@ def estimate(
     try:
         with Progress(console=err_console, disable=not show_progress, transient=True) as progress:
             task = progress.add_task(f"{method} on {len(paths)} models", total=len(paths))
-            common = dict(solver=solver, split=split, lower=lower, seed=seed, region=region, pair=pair, **options)
+            common = dict(solver=solver, split=split, lower=lower, seed=seed, region=region, pair=pair, pools=pools,
+                          **options)
             if len(paths) == 1:  # one model: workers / dask go to its split pieces
                 ran = [run_estimate(paths[0], method, workers=workers, dask=dask, **common)]
                 finished(0, ran[0])

@@ -33,6 +33,10 @@ class Network:
     # entry per weight or empty. A hint only: methods use one after checking `operator.matches(weight)`,
     # so a transform that changes the weights (and keeps this field) can never make them use a stale one.
     operators: tuple[object | None, ...] = field(default=(), repr=False, compare=False)
+    # Set by the loaders for a graph with max pools that factor it (`lipsdp.compose.Composition`): the parts
+    # between the pools, bounded one by one. It applies only while `composition.applies_to(self)` holds,
+    # i.e. to this very network, never to a network derived from it (those build new weight tuples).
+    composition: object | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_arrays(

@@ -12,6 +12,10 @@ A `Proof` says *why* L <= upper, in data an independent checker (`lipsdp.verify`
 - kind 'split':   the chain cut into pieces of `split` weight matrices, each with its own proof
                   (`pieces`), and `lipschitz` the constants of the activations at the cuts:
                   L <= prod(piece bounds) * prod(lipschitz).
+- kind 'compose': the network's graph factored at max pools (`lipsdp.compose`): `pieces` the proofs of its
+                  parts in order, `lipschitz[i]` with lipschitz[i]^2 >= the multiplicity of pool i; then
+                  L <= prod(part bounds) * prod(lipschitz). Its only step may be a 'pair', which applies to
+                  the last part.
 
 `steps` are the exact transforms, applied in order, from the network the proof is about to the one the
 method saw; each maps bounds back as stated in `Step`. The top-level proof also names the user's network
@@ -36,7 +40,7 @@ import numpy as np
 
 FORMAT = "lipsdp-certificate"
 VERSION = 1
-KINDS = ("lmi", "product", "zero", "split")
+KINDS = ("lmi", "product", "zero", "split", "compose")
 STEP_OPS = ("localize", "pair", "keep", "fold", "scale")
 
 HASH_DESCRIPTION = (
@@ -277,8 +281,9 @@ def proof_to_json(proof: Proof) -> dict[str, Any]:
     elif proof.kind == "product":
         out["rhos"] = [hexf(r) for r in proof.rhos]
         out["lipschitz"] = [hexf(x) for x in proof.lipschitz]
-    elif proof.kind == "split":
-        out["split"] = proof.split
+    elif proof.kind in ("split", "compose"):
+        if proof.kind == "split":
+            out["split"] = proof.split
         out["lipschitz"] = [hexf(x) for x in proof.lipschitz]
         out["pieces"] = [proof_to_json(p) for p in proof.pieces]
     return out
@@ -314,6 +319,13 @@ def proof_from_json(data: Any) -> Proof:
             kind,
             steps,
             split=split,
+            lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
+            pieces=tuple(proof_from_json(p) for p in _list(data.get("pieces"), "pieces")),
+        )
+    if kind == "compose":
+        return Proof(
+            kind,
+            steps,
             lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
             pieces=tuple(proof_from_json(p) for p in _list(data.get("pieces"), "pieces")),
         )

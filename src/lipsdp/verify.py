@@ -46,6 +46,11 @@ The mathematics relied on
    is one point a (phi(z) = a z + c there); the class-pair row difference; the split of the chain (L of
    a composition is at most the product of the pieces' constants and the boundary activations'
    Lipschitz constants max(|a|, |b|)).
+5. Max pooling (a 'compose' proof): the model as loaded carries its graph's factoring at max pools
+   (`lipsdp.compose`, whose module docstring proves Lip(P) <= sqrt(m) for a pool of multiplicity m). The
+   checker trusts that factoring and the parts' exact lowering (this project's code, re-run on the model
+   file, as it trusts the loaders); it re-proves each part's bound as above (a class pair applies to the
+   last part) and c^2 >= m for each pool's constant c, and multiplies.
 
 What is guaranteed: `accepted` is True only if the checker proved that the Lipschitz constant of the
 target (f, or f_i - f_j; on the certificate's region if it names one) is at most `proven` and that the
@@ -800,8 +805,36 @@ def _check_split(state: _State, proof: Proof, net: Any):
     return bound
 
 
+def _check_compose(proof: Proof, net: Any, top: bool):
+    arb = _flint().arb
+    comp = getattr(net, "composition", None)
+    if not top or comp is None or not comp.applies_to(net):
+        raise _Reject("compose: the model as loaded is not factored by max pools (or the proof is not top-level)")
+    if any(s.op != "pair" for s in proof.steps) or len(proof.steps) > 1:
+        raise _Reject("compose: its only step may be one 'pair' (of the last part)")
+    if len(proof.pieces) != len(comp.parts) or len(proof.lipschitz) != len(comp.multiplicities):
+        raise _Reject(
+            f"compose: {len(proof.pieces)} parts and {len(proof.lipschitz)} pool constants, but the model factors "
+            f"into {len(comp.parts)} parts at {len(comp.multiplicities)} max pools"
+        )
+    bound = arb(1)
+    for i, (c, m) in enumerate(zip(proof.lipschitz, comp.multiplicities)):
+        if not (math.isfinite(c) and c >= 0 and arb(c) * arb(c) >= m):
+            raise _Reject(f"compose: the constant {c!r} of max pool {i + 1} is below sqrt({m}) (its multiplicity)")
+        bound = bound * arb(c)
+    last = len(comp.parts) - 1
+    for i, (part, piece) in enumerate(zip(comp.parts, proof.pieces)):
+        state = _initial_state(part)
+        if i == last and proof.steps:
+            state = _pair(state, proof.steps[0])
+        bound = bound * _bound(state, piece, part, top=False)
+    return bound
+
+
 def _bound(state: _State, proof: Proof, net: Any, top: bool):
     """An arb upper bound on the Lipschitz constant of the state's network, re-proved from `proof`."""
+    if proof.kind == "compose":
+        return _check_compose(proof, net, top)
     exponent = 0
     for index, step in enumerate(proof.steps):
         if step.op == "localize":
@@ -825,8 +858,10 @@ def _bound(state: _State, proof: Proof, net: Any, top: bool):
         bound = _check_product(state, proof)
     elif proof.kind == "zero":
         bound = _check_zero(state)
-    else:
+    elif proof.kind == "split":
         bound = _check_split(state, proof, net)
+    else:
+        raise _Reject(f"a '{proof.kind}' proof may only be the top-level proof")
     return bound * _pow2(-exponent)
 
 
@@ -874,7 +909,8 @@ def verify(cert: str | Path, model: Any, *, prec: int = DEFAULT_PREC, **loader_o
     flint = _flint()
     with flint.ctx.workprec(prec):
         try:
-            bound = _bound(_initial_state(net), proof, net, top=True)
+            state = None if proof.kind == "compose" else _initial_state(net)  # compose: its parts' states only
+            bound = _bound(state, proof, net, top=True)
         except _Reject as exc:
             return verdict(False, str(exc))
         except (ValueError, TypeError, IndexError, ZeroDivisionError) as exc:

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 
 from lipsdp.activations import activation
+from lipsdp.compose import lower
 from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
-from lipsdp.graph import Graph, to_network
+from lipsdp.graph import Graph
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
 from lipsdp.network import Network
@@ -456,7 +457,7 @@ class _OnnxGraph(_OnnxChain):
         if self.output not in self.tensors:
             raise UnsupportedLayerError(f"{self.path}: the graph output '{self.output}' is not computed from its input")
         self.graph.output = self.plain(self.output, "the final Transpose")
-        return to_network(self.graph)
+        return lower(self.graph)
 
     def sum(self, node: Any, where: str) -> None:
         """Add, Sub (second input negated) and Sum of computed tensors of one shape, plus any constants."""

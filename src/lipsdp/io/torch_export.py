@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from lipsdp.activations import activation
+from lipsdp.compose import lower
 from lipsdp.conv import Conv2d
 from lipsdp.errors import ModelLoadError, UnsupportedLayerError
-from lipsdp.graph import Graph, to_network
+from lipsdp.graph import Graph
 from lipsdp.io.chain import ChainBuilder, GraphBuilder
 from lipsdp.io.layout import Layout, concat_layout
 from lipsdp.network import Network
@@ -554,7 +555,7 @@ class _ExportGraph(_ExportChain):
         return node if permutation is None else self.graph.affine(node, permutation, None, where)
 
     def result(self) -> Network:
-        return to_network(self.graph)
+        return lower(self.graph)
 
     def finish(self, node: Any) -> None:
         outputs = node.args[0]
