@@ -246,7 +246,11 @@ def sequential_multipliers(net: Network) -> np.ndarray:
         x = 0.5 * (x_next + x_next.T)
     w = net.weights[-1]
     chol = sla.cho_factor(x, lower=True, check_finite=False)
-    final = w @ sla.cho_solve(chol, w.T, check_finite=False)
+    if w.shape[0] > w.shape[1]:  # a wide output (a part ending in a convolution): the same nonzero spectrum
+        half = sla.solve_triangular(chol[0], w.T, lower=True, check_finite=False)  # L^-1 W' with X = L L'
+        final = half @ half.T
+    else:
+        final = w @ sla.cho_solve(chol, w.T, check_finite=False)
     rho = float(sla.eigvalsh(0.5 * (final + final.T), subset_by_index=[final.shape[0] - 1] * 2)[0])
     # A slightly larger rho keeps the hidden block strictly definite (it is singular at rho exactly when the
     # last layer is orthogonal to some direction, e.g. |x| = relu(x) + relu(-x)); certify recomputes rho.
