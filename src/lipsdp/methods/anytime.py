@@ -80,6 +80,9 @@ WOLFE_ARMIJO, WOLFE_CURVATURE = 1e-4, 0.5
 FULL_BFGS_MAX = 3000  # above this many multipliers, limited-memory BFGS
 LBFGS_MEMORY = 40
 HESSIAN_REFRESH = 0.5  # exact Hessian again once the evaluations since the last one cost this times as much
+HESSIAN_MAX_COST = 64.0  # no exact Hessian dearer than this many evaluations (many near-top eigenvalues, as
+# when W_0 = I: its cost grows with their number, and one call must not outrun the budget by minutes)
+CURVATURE_BYTES = 2**28  # the Schur curvature's eigenvector batches are cut to keep its blocks this small
 BARRIER, BARRIER_MIN = 0.01, 1e-9  # barrier weight: BARRIER * mu / rho, at least BARRIER_MIN
 MAX_STEP = 2.0  # largest change of any log t in one unit step
 MARGIN = 1e-7  # relative margin kept on the hidden block of the LMI (see _with_margin)
@@ -317,10 +320,13 @@ class _Objective:
         root = self.torch.sqrt(w)
         own = (p + q) * root  # 2x - (a + b) y at the neuron itself
         prev = -(self._stack(self.alphas)[:, None] * q + self._stack(self.betas)[:, None] * p) * root
-        out = self.torch.zeros(sum(self.sizes), sum(self.sizes), **self.kw)
-        for lo, z in self._whitened(pt, own, prev):
-            flat = z.reshape(-1, z.shape[-1])
-            out[lo:, lo:] += 2.0 * (flat.T @ flat)
+        n = sum(self.sizes)
+        out = self.torch.zeros(n, n, **self.kw)
+        batch = max(1, CURVATURE_BYTES // (8 * max(self.sizes) * n))  # the sum over eigenvectors, in batches
+        for first in range(0, own.shape[1], batch):
+            for lo, z in self._whitened(pt, own[:, first : first + batch], prev[:, first : first + batch]):
+                flat = z.reshape(-1, z.shape[-1])
+                out[lo:, lo:] += 2.0 * (flat.T @ flat)
         return out
 
     def barrier_hessian(self, pt: _Point):
@@ -753,7 +759,10 @@ def _descend(obj: _Objective, x, steps: int | None, deadline: float, tol: float)
             log.debug("anytime: step %d, %d evaluations, best rho %.10g", done, obj.evaluations, obj.best_rho)
         found = None
         level_done = False
-        if qn.dense and obj.exact_hessian and mu > 0.0 and obj.evaluations >= next_hessian:
+        if (
+            qn.dense and obj.exact_hessian and mu > 0.0 and obj.evaluations >= next_hessian
+            and obj.hessian_cost(pt, mu) <= HESSIAN_MAX_COST
+        ):
             # exact curvature, as often as its (modelled, so deterministic) cost is a fixed share of the work;
             # its Newton step replaces the quasi-Newton model only where the full step is accepted
             hess, _ = obj.hessian(pt, mu, eps)
