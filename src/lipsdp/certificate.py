@@ -66,10 +66,13 @@ def block_cholesky_succeeds(f: BlockTridiagonal, shift: float) -> float | None:
     return sum(float(np.trace(d)) - shift * d.shape[0] for d in f.diag)
 
 
-def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, BlockTridiagonal]:
-    """F(0, T) and its absolute-value form: F(rho, T) is F(0, T) with rho added to the input block's
-    diagonal, bit for bit as `negated_lmi` forms it (block + rho I), so one pair serves every rho."""
-    return negated_lmi(net, 0.0, t), negated_lmi(net, 0.0, t, absolute=True)
+def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, np.ndarray]:
+    """F(0, T) and the row sums of its absolute-value form: F(rho, T) is F(0, T) with rho added to the input
+    block's diagonal, bit for bit as `negated_lmi` forms it (block + rho I), and the row sums for rho are
+    these plus |rho| on the input block's rows (a sum of the same terms in another order, which the
+    (1 + gamma(n + 2)) factor of the forming error covers), so one pair serves every rho. Only the row
+    sums of the absolute form are kept: it is never factored."""
+    return negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True))
 
 
 def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
@@ -89,12 +92,14 @@ def prove_positive_definite(
     `forms`: `lmi_forms(net, t)` when several rho are tried for one T. `headroom`: an estimate of
     lambda_min(F(rho, T)) (rho - rho*(T)); when the rounding margin is far above it the proof cannot
     succeed and the factorisation is skipped (a shortcut only: it never turns a failure into a proof)."""
-    f0, f0_abs = lmi_forms(net, t) if forms is None else forms
-    f, f_abs = _with_rho(f0, rho), _with_rho(f0_abs, abs(rho))
+    f0, abs_sums0 = lmi_forms(net, t) if forms is None else forms
+    f = _with_rho(f0, rho)
+    abs_sums = abs_sums0.copy()
+    abs_sums[: f0.diag[0].shape[0]] += abs(rho)
     n = f.size
     inner = max(max(net.sizes), 1) + 6
     g_form = gamma(2 * inner)
-    e = g_form / (1.0 - g_form) * float(np.max(_row_sums(f_abs))) * (1.0 + gamma(n + 2))
+    e = g_form / (1.0 - g_form) * float(np.max(abs_sums)) * (1.0 + gamma(n + 2))
     g_chol = gamma(2 * n + 2)
     g_chol = g_chol / (1.0 - g_chol)
     diag_f = np.concatenate([np.diag(d) for d in f.diag])
