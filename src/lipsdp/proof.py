@@ -311,21 +311,14 @@ def proof_from_json(data: Any) -> Proof:
             rhos=tuple(float(x) for x in _floats(data.get("rhos"), "rhos")),
             lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
         )
-    if kind == "split":
-        split = data.get("split")
-        if not isinstance(split, int) or isinstance(split, bool) or split < 1:
+    if kind in ("split", "compose"):
+        split = data.get("split") if kind == "split" else 0
+        if kind == "split" and (not isinstance(split, int) or isinstance(split, bool) or split < 1):
             raise ValueError("split must be a positive integer")
         return Proof(
             kind,
             steps,
             split=split,
-            lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
-            pieces=tuple(proof_from_json(p) for p in _list(data.get("pieces"), "pieces")),
-        )
-    if kind == "compose":
-        return Proof(
-            kind,
-            steps,
             lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
             pieces=tuple(proof_from_json(p) for p in _list(data.get("pieces"), "pieces")),
         )
