@@ -343,3 +343,13 @@ def test_no_step_certifies_the_start_once(monkeypatch):
     assert len(calls) == 1
     # the start is the better of two layer-by-layer multiplier vectors (of the net and of the balanced net)
     assert lipsdp.estimate(net, "neuron").upper <= res.upper <= lipsdp.estimate(net, "sequential").upper
+
+
+def test_one_affine_map_gets_the_sequential_bound():
+    """No hidden layer (e.g. the convolution before a max pool): the bound is the proved norm, as tight as
+    `sequential` (the product-of-norms path could be a hair looser), and above the exact norm."""
+    w = np.random.default_rng(4).standard_normal((60, 9))
+    net = lipsdp.Network.from_arrays([w])
+    exact = np.linalg.norm(w, 2)
+    any_upper = lipsdp.estimate(net, method="anytime").upper
+    assert exact <= any_upper <= lipsdp.estimate(net, method="sequential").upper
