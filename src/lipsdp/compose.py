@@ -41,7 +41,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from lipsdp.graph import Graph, to_network
+from lipsdp.graph import Graph, fused_activations, to_network
 from lipsdp.network import Network
 
 
@@ -80,14 +80,6 @@ def pool_lipschitz(m: int) -> float:
     return c
 
 
-def _readers(graph: Graph, live: set[int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for i in live:
-        for s in graph.nodes[i].inputs:
-            out.setdefault(s, []).append(i)
-    return out
-
-
 def _ancestors(graph: Graph, node: int, start: int) -> set[int]:
     """The nodes after `start` that `node` needs (itself included), and the constants it reads."""
     need = {node}
@@ -107,7 +99,7 @@ def factoring_pools(graph: Graph) -> list[tuple[int, int]]:
     activation read by the pool only (it moves after the pool). A pool is used only when both parts hold
     an affine map (otherwise the exact lowering is as good)."""
     live = _ancestors(graph, graph.output, -1) | {0}
-    readers = _readers(graph, live)
+    fused = fused_activations(graph, live)
     cuts = []
     for m in sorted(live):
         node = graph.nodes[m]
@@ -117,9 +109,8 @@ def factoring_pools(graph: Graph) -> list[tuple[int, int]]:
         if any(s != m and s not in after and graph.nodes[s].op != "const" for i in after for s in graph.nodes[i].inputs):
             continue
         end = node.inputs[0]
-        src = graph.nodes[end]
-        if src.op == "act" and src.activation.alpha >= 0 and readers.get(end) == [m]:
-            end = src.inputs[0]
+        if end in fused:  # read by this pool only: it moves after the pool, as in the lowering
+            end = graph.nodes[end].inputs[0]
         if end == 0 or not _has_affine(graph, _ancestors(graph, end, -1)) or not _has_affine(graph, after):
             continue
         cuts.append((m, end))

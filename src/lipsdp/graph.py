@@ -595,8 +595,9 @@ def _whole_operator(blocks: list[_Block], n_in: int) -> object | None:
     return pre.op if np.array_equal(pre.cols, np.arange(n_in)) else None
 
 
-def _fused_activations(graph: Graph, live: set[int]) -> set[int]:
-    """Activation nodes whose only reader is a max pool (moved after it, see the module docstring)."""
+def fused_activations(graph: Graph, live: set[int]) -> set[int]:
+    """Activation nodes whose only reader is a max pool (moved after it, see the module docstring; the
+    factoring at max pools, `lipsdp.compose`, moves the same ones)."""
     readers: dict[int, list[int]] = {}
     for i in live:
         for s in graph.nodes[i].inputs:
@@ -619,7 +620,7 @@ def to_network(graph: Graph) -> Network:
     for i in range(graph.output, -1, -1):
         if i in live:
             live.update(graph.nodes[i].inputs)
-    fused = _fused_activations(graph, live)
+    fused = fused_activations(graph, live)
     low = _Lowering(graph.nodes[0].size)
     values: dict[int, _Expr] = {}
     for i in sorted(live):
