@@ -10,7 +10,14 @@ from conftest import he_network
 
 import lipsdp
 from lipsdp import Network
-from lipsdp.certificate import certified_product, certify, certify_or_repair, prove_positive_definite
+from lipsdp.certificate import (
+    certified_product,
+    certify,
+    certify_or_repair,
+    factor_norm_bound,
+    lmi_forms,
+    prove_positive_definite,
+)
 from lipsdp.lmi import negated_lmi, schur_rho, sequential_multipliers
 from lipsdp.lower import jacobian_norms, lower_bound
 
@@ -155,6 +162,41 @@ def test_random_multipliers_give_sound_bounds(seed):
     assert np.linalg.eigvalsh(-dense_m(net, cert.rho, cert.multipliers))[0] > 0
     xs = rng.standard_normal((2000, 3)) * 3.0
     assert jacobian_norms(net, xs).max() <= cert.upper
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_factor_norm_bound_covers_the_norm_of_the_absolute_factor(seed):
+    """The Cholesky rounding margin rests on ||L||_1 ||L||_inf >= || |L| ||_2^2: checked on the dense
+    absolute factor, whose 2-norm numpy computes independently."""
+    net = he_network([5, 9, 4, 6, 3], seed, bias_scale=0.5)
+    t = sequential_multipliers(net)
+    f = negated_lmi(net, 1.5 * schur_rho(net, t), t)
+    chol = f.cholesky()
+    sizes = [d.shape[0] for d in f.diag]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    low = np.zeros((offs[-1], offs[-1]))
+    for k, d in enumerate(chol.lowers):
+        low[offs[k] : offs[k + 1], offs[k] : offs[k + 1]] = d
+        if k:
+            low[offs[k] : offs[k + 1], offs[k - 1] : offs[k]] = chol.subs[k - 1]
+    assert np.allclose(low @ low.T, f.dense(), atol=1e-10)
+    bound = factor_norm_bound(chol)
+    exact = np.linalg.norm(np.abs(low), 2) ** 2
+    assert exact <= bound <= 3.0 * exact * low.shape[0]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_proven_eigenvalue_bound_is_below_the_true_smallest_eigenvalue(seed):
+    """What prove_positive_definite returns is a lower bound on lambda_min(F): compare with the dense F of
+    the formulas in DESIGN.md, at rho just above rho*(T) and far above it."""
+    net = he_network([4, 8, 8, 3], seed, bias_scale=0.5)
+    t = sequential_multipliers(net)
+    rho_star = schur_rho(net, t)
+    forms = lmi_forms(net, t)
+    for rho in (rho_star * (1 + 1e-6), rho_star * 2.0):
+        proven = prove_positive_definite(net, rho, t, forms)
+        assert proven is not None
+        assert 0 < proven <= np.linalg.eigvalsh(-dense_m(net, rho, t))[0]
 
 
 def test_repair_of_zero_multipliers_falls_back_to_sequential(small_net):

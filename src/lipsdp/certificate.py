@@ -11,12 +11,16 @@ The proof (`prove_positive_definite`) combines two published error bounds, u = 2
    (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.13), valid for any
    summation order). Its 2-norm is at most its largest row sum: e = g/(1-g) * max_i sum_j |F|_abs,ij.
 2. Cholesky: if floating-point Cholesky of a symmetric A completes, the computed factor satisfies
-   R'R = A + dA with |dA| <= g_{n+1} |R'||R| (Higham, Thm 10.3), hence
-   lambda_min(A) >= -g_{n+1}/(1-g_{n+1}) * tr(A). Rump (*Verification of positive definiteness*, BIT 46,
-   2006, Thm 2.3/Cor 2.4) uses the same argument and notes it holds for any evaluation order, blocked
-   algorithms included; we use g_{2n+2} for extra room.
-So we factor A = fl(F - cI); success proves lambda_min(F_exact) >= c - u*max|F_ii - c| - g tr(A) - e,
-and we accept only when that number is positive. Assumes no underflow (entries far above 1e-290).
+   L L' = A + dA with |dA| <= g_{k+1} |L||L|' entrywise, k the number of nonzero terms of the entry's inner
+   product (Higham, Thm 10.3; Rump, *Verification of positive definiteness*, BIT 46, 2006, Thm 2.3/Cor
+   2.4, who notes that it holds for any evaluation order, blocked algorithms included, and zero terms
+   that are never formed add no rounding). A is block tridiagonal and its factor block lower bidiagonal,
+   so k <= w = max_k (n_{k-1} + n_k), two neighbouring blocks, not the whole order n. Then
+   lambda_min(A) >= -||dA||_2 >= -g ||(|L|)||_2^2 >= -g ||L||_1 ||L||_inf (Hoelder), the largest column
+   and row sums of |L|, computed from the factor itself; we use g_{2w+2} for extra room.
+So we factor A = fl(F - cI); success proves lambda_min(F_exact) >= c - u*max|F_ii - c| - g ||L||_1
+||L||_inf - e, and we accept only when that number is positive. Assumes no underflow (entries far above
+1e-290).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from lipsdp.lmi import (
     Balancing,
+    BlockCholesky,
     BlockTridiagonal,
     add_to_diagonal,
     negated_lmi,
@@ -57,22 +62,46 @@ def _row_sums(f: BlockTridiagonal) -> np.ndarray:
     return np.concatenate(sums)
 
 
-def block_cholesky_succeeds(f: BlockTridiagonal, shift: float) -> float | None:
-    """Cholesky of F - shift*I, block by block (`BlockTridiagonal.cholesky`: the same arithmetic as a dense
-    Cholesky that skips the structural zeros). Returns the trace of the factored matrix, or None if the
-    factorisation breaks."""
-    if f.cholesky(shift) is None:
-        return None
-    return sum(float(np.trace(d)) - shift * d.shape[0] for d in f.diag)
+def factor_norm_bound(chol: BlockCholesky) -> float:
+    """An upper bound on ||L||_1 ||L||_inf >= ||(|L|)||_2^2 for the computed factor L (its largest column
+    and row sums of absolute values). Each sum has at most w non-negative terms (w: two neighbouring blocks),
+    so its computed value is within a factor (1 - g_w) of the exact one; 4 g_w covers both and the product."""
+    rows, cols = [], [np.abs(d).sum(axis=0) for d in chol.lowers]
+    for k, d in enumerate(chol.lowers):
+        r = np.abs(d).sum(axis=1)
+        if k:
+            sub = np.abs(chol.subs[k - 1])  # block (k, k-1)
+            r = r + sub.sum(axis=1)
+            cols[k - 1] = cols[k - 1] + sub.sum(axis=0)
+        rows.append(r)
+    width = max(_neighbour_width([d.shape[0] for d in chol.lowers]), 1)
+    return float(max(r.max() for r in rows)) * float(max(c.max() for c in cols)) * (1.0 + 4.0 * gamma(width))
 
 
-def lmi_forms(net: Network, t: np.ndarray) -> tuple[BlockTridiagonal, np.ndarray]:
-    """F(0, T) and the row sums of its absolute-value form: F(rho, T) is F(0, T) with rho added to the input
-    block's diagonal, bit for bit as `negated_lmi` forms it (block + rho I), and the row sums for rho are
-    these plus |rho| on the input block's rows (a sum of the same terms in another order, which the
-    (1 + gamma(n + 2)) factor of the forming error covers), so one pair serves every rho. Only the row
-    sums of the absolute form are kept: it is never factored."""
-    return negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True))
+def _neighbour_width(sizes: list[int]) -> int:
+    """max_k (n_{k-1} + n_k): the most nonzero terms of one entry of L L' for a block-bidiagonal L."""
+    return max(n + (sizes[k - 1] if k else 0) for k, n in enumerate(sizes))
+
+
+@dataclass
+class LmiForms:
+    """F(0, T), the row sums of its absolute-value form, and the last factor-norm bound measured for it.
+
+    F(rho, T) is F(0, T) with rho added to the input block's diagonal, bit for bit as `negated_lmi` forms it
+    (block + rho I), and the row sums for rho are these plus |rho| on the input block's rows (a sum of the
+    same terms in another order, which the (1 + gamma(n + 2)) factor of the forming error covers), so one
+    LmiForms serves every rho. Only the row sums of the absolute form are kept: it is never factored.
+    `factor_norm` (`factor_norm_bound` of the last factorisation) only chooses the next shift; the proof
+    always uses the factor it has just computed."""
+
+    f0: BlockTridiagonal
+    abs_sums: np.ndarray
+    factor_norm: float | None = None
+
+
+def lmi_forms(net: Network, t: np.ndarray) -> LmiForms:
+    """`LmiForms` of the LMI of `net` at multipliers t."""
+    return LmiForms(negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True)))
 
 
 def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
@@ -83,42 +112,53 @@ def prove_positive_definite(
     net: Network,
     rho: float,
     t: np.ndarray,
-    forms: tuple[BlockTridiagonal, BlockTridiagonal] | None = None,
+    forms: LmiForms | None = None,
     headroom: float | None = None,
 ) -> float | None:
     """Prove F(rho, T) positive definite in exact arithmetic; return a proven lower bound on its smallest
     eigenvalue (> 0), or None if the proof does not go through.
 
+    The shift c must exceed the rounding margin, which depends on the factor: c is chosen from the factor
+    norm last measured for these forms (or, first, from the forming error alone), and when the factor
+    just computed needs more, once more from it. At most two factorisations.
+
     `forms`: `lmi_forms(net, t)` when several rho are tried for one T. `headroom`: an estimate of
     lambda_min(F(rho, T)) (rho - rho*(T)); when the rounding margin is far above it the proof cannot
     succeed and the factorisation is skipped (a shortcut only: it never turns a failure into a proof)."""
-    f0, abs_sums0 = lmi_forms(net, t) if forms is None else forms
-    f = _with_rho(f0, rho)
-    abs_sums = abs_sums0.copy()
-    abs_sums[: f0.diag[0].shape[0]] += abs(rho)
+    forms = lmi_forms(net, t) if forms is None else forms
+    f = _with_rho(forms.f0, rho)
+    abs_sums = forms.abs_sums.copy()
+    abs_sums[: forms.f0.diag[0].shape[0]] += abs(rho)
     n = f.size
     inner = max(max(net.sizes), 1) + 6
     g_form = gamma(2 * inner)
     e = g_form / (1.0 - g_form) * float(np.max(abs_sums)) * (1.0 + gamma(n + 2))
-    g_chol = gamma(2 * n + 2)
+    g_chol = gamma(2 * _neighbour_width([d.shape[0] for d in f.diag]) + 2)
     g_chol = g_chol / (1.0 - g_chol)
     diag_f = np.concatenate([np.diag(d) for d in f.diag])
     if not np.all(np.isfinite(diag_f)) or not np.isfinite(e):
         return None
-    trace_abs = float(np.sum(np.abs(diag_f)))
-    max_diag = float(np.max(np.abs(diag_f)))
-    shift = 2.0 * (e + g_chol * trace_abs + UNIT_ROUNDOFF * max_diag)
-    if shift == 0.0:
-        shift = 1e-300
-    if headroom is not None and shift > 4.0 * headroom:
-        return None  # success needs lambda_min(F) above about shift / 2
-    trace = block_cholesky_succeeds(f, shift)
-    if trace is None:
-        return None
-    slack = max(abs(x - shift) for x in (float(diag_f.max()), float(diag_f.min())))
-    proven = shift - UNIT_ROUNDOFF * slack - g_chol * abs(trace) - e
-    proven *= 1.0 - 1e-9  # cover the rounding of this very expression
-    return proven if proven > 0 else None
+    fixed = e + UNIT_ROUNDOFF * float(np.max(np.abs(diag_f)))
+    norm = forms.factor_norm
+    shift = 2.0 * (fixed + g_chol * norm) if norm is not None else 4.0 * fixed
+    for _ in range(2):
+        shift = max(shift, 1e-300)
+        if headroom is not None and shift > 4.0 * headroom:
+            return None  # success needs lambda_min(F) above about shift / 2
+        chol = f.cholesky(shift)
+        if chol is None:
+            return None
+        norm = factor_norm_bound(chol)
+        forms.factor_norm = norm
+        if not math.isfinite(norm):
+            return None
+        slack = max(abs(x - shift) for x in (float(diag_f.max()), float(diag_f.min())))
+        proven = shift - UNIT_ROUNDOFF * slack - g_chol * norm - e
+        proven *= 1.0 - 1e-9  # cover the rounding of this very expression
+        if proven > 0:
+            return proven
+        shift = 2.0 * (fixed + g_chol * norm)
+    return None
 
 
 @dataclass(frozen=True)
@@ -153,7 +193,7 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     recipes = [(t, True), (t, False), (inflated, True), (inflated, False)]
     balanced: dict[int, tuple | None] = {}  # per multiplier vector: shared by its two recipes
     prepared: dict[int, tuple | None] = {}
-    forms: dict[int, tuple] = {}
+    forms: dict[int, LmiForms] = {}
     for inflation in RHO_INFLATIONS:
         for k, (t_k, equilibrate) in enumerate(recipes):
             if k > 0 and inflation == RHO_INFLATIONS[0]:

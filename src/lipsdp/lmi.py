@@ -284,18 +284,25 @@ def _tau_cap(chol, w: np.ndarray, ab: np.ndarray) -> float:
 
 
 def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0: float, cap: float = np.inf) -> float:
-    """Maximise lambda_min of the next quadratic form over tau < cap (1-D search on log tau)."""
+    """Maximise lambda_min of the next quadratic form over tau < cap (1-D search on log tau, to 1e-3 in
+    log tau: lambda_min is flat at its maximum, and every evaluation is an n^3 eigenvalue problem)."""
     from scipy.optimize import minimize_scalar
 
-    def negative_min_eig(log_tau: float) -> float:
-        xn = _next_quadratic_form(x, w, d, ab, float(np.exp(log_tau)))
-        return -float(sla.eigvalsh(0.5 * (xn + xn.T), subset_by_index=[0, 0])[0])
+    seen: dict[float, float] = {}
 
-    centre = np.log(tau0)
+    def negative_min_eig(log_tau: float) -> float:
+        if log_tau not in seen:
+            xn = _next_quadratic_form(x, w, d, ab, float(np.exp(log_tau)))
+            seen[log_tau] = -float(sla.eigvalsh(0.5 * (xn + xn.T), subset_by_index=[0, 0])[0])
+        return seen[log_tau]
+
+    centre = float(np.log(tau0))
     top = min(centre + 6.0, np.log(cap) + np.log1p(-1e-7)) if np.isfinite(cap) else centre + 6.0
-    res = minimize_scalar(negative_min_eig, bounds=(min(centre - 3.0, top - 1.0), top), method="bounded")
+    res = minimize_scalar(
+        negative_min_eig, bounds=(min(centre - 3.0, top - 1.0), top), method="bounded", options={"xatol": 1e-3}
+    )
     best = float(np.exp(res.x))
-    return best if negative_min_eig(res.x) <= negative_min_eig(centre) else tau0
+    return best if negative_min_eig(float(res.x)) <= negative_min_eig(centre) else tau0
 
 
 def norm_estimate(w: np.ndarray, steps: int = 30) -> float:
