@@ -126,11 +126,18 @@ def prove_positive_definite(
     lambda_min(F(rho, T)) (rho - rho*(T)); when the rounding margin is far above it the proof cannot
     succeed and the factorisation is skipped (a shortcut only: it never turns a failure into a proof)."""
     forms = lmi_forms(net, t) if forms is None else forms
+    return prove_forms_positive_definite(forms, rho, max(max(net.sizes), 1) + 6, headroom)
+
+
+def prove_forms_positive_definite(
+    forms: LmiForms, rho: float, inner: int, headroom: float | None = None
+) -> float | None:
+    """`prove_positive_definite` for any formed block-tridiagonal F(0) (rho added to its first block) whose
+    entries are inner products of at most `inner` terms each (the forming error g_{2 inner} |F|_abs)."""
     f = _with_rho(forms.f0, rho)
     abs_sums = forms.abs_sums.copy()
     abs_sums[: forms.f0.diag[0].shape[0]] += abs(rho)
     n = f.size
-    inner = max(max(net.sizes), 1) + 6
     g_form = gamma(2 * inner)
     e = g_form / (1.0 - g_form) * float(np.max(abs_sums)) * (1.0 + gamma(n + 2))
     g_chol = gamma(2 * _neighbour_width([d.shape[0] for d in f.diag]) + 2)

@@ -19,7 +19,11 @@ The mathematics relied on
        F_ll = 2 diag(t_l) - W_l' W_l                 F_(k-1,k) = -W_(k-1)' diag((a + b) t)_k
 
    (one hidden layer less: drop the middle blocks; no hidden layer: F = rho I - W_0'W_0). If F >= 0 and
-   t >= 0 then |f(x) - f(y)|^2 <= rho |x - y|^2, i.e. L <= sqrt(rho).
+   t >= 0 then |f(x) - f(y)|^2 <= rho |x - y|^2, i.e. L <= sqrt(rho). One hidden layer much wider than
+   input and output, with every t > 0: F > 0 iff [[F_00, F_01, 0], [F_01', 2 diag(t), W_1'], [0, W_1, I]]
+   > 0 (Schur complement on I) iff its Schur complement on the diagonal 2 diag(t) > 0 is, which is
+   [[rho I - W_0' diag((b - a)^2 t / 2) W_0, W_0' diag((a + b) / 2) W_1'], [., I - W_1 diag(1 / (2t)) W_1']]
+   of order n_0 + n_2; that matrix is proved instead.
 2. Positive definiteness (a residual form of Rump's argument, BIT 46, 2006). With an exact power-of-two
    diagonal S (Jacobi scaling), F^ = S F S. For *any* real matrix G (here a float64 block Cholesky factor
    of F^ - cI) put E = F^ - cI - G G', formed in ball arithmetic. Since G G' >= 0,
@@ -708,6 +712,8 @@ def _check_lmi(state: _State, proof: Proof):
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         i = int(np.flatnonzero(~(np.isfinite(t) & (t >= 0)))[0])
         raise _Reject(f"lmi: multiplier {i} is {t[i]!r}; LipSDP needs every multiplier finite and >= 0")
+    if _eliminates(state, t):
+        return _check_eliminated(state, proof, alphas, betas, t)
     ts, start = [], 0
     for n in state.hidden:
         ts.append([arb(x) for x in t[start : start + n]])
@@ -728,6 +734,31 @@ def _check_lmi(state: _State, proof: Proof):
         block = block + (_diag([r] * n) if k == 0 else _diag([2 * x for x in ts[k - 1]]))
         diag.append(block)
     _prove_positive_definite(diag, upper, f"F(rho, T) with rho = {rho!r}")
+    return r.sqrt()
+
+
+def _eliminates(state: _State, t: np.ndarray) -> bool:
+    """Point 1's elimination of a single hidden layer: only where it is much smaller, and every t > 0."""
+    if state.depth != 1 or not np.all(t > 0):
+        return False
+    n0, n1, n2 = state.weights[0].ncols(), state.hidden[0], state.weights[1].nrows()
+    return n1 >= 4 * (n0 + n2)
+
+
+def _check_eliminated(state: _State, proof: Proof, alphas: list, betas: list, t: np.ndarray):
+    arb = _flint().arb
+    w0, w1 = state.weights
+    ts = [arb(x) for x in t]
+    half = arb(1) / 2
+    c = [half * (b - a) * (b - a) * x for a, b, x in zip(alphas[0], betas[0], ts)]
+    h = [half * (a + b) for a, b in zip(alphas[0], betas[0])]
+    inv = [half / x for x in ts]
+    r = arb(proof.rho)
+    s00 = _diag([r] * w0.ncols()) - _scale_rows(w0, c).transpose() * w0
+    s01 = _scale_rows(w0, h).transpose() * w1.transpose()
+    w1t = w1.transpose()
+    s11 = _diag([arb(1)] * w1.nrows()) - _scale_rows(w1t, inv).transpose() * w1t
+    _prove_positive_definite([s00, s11], [s01], f"F(rho, T) with rho = {proof.rho!r} (hidden layer eliminated)")
     return r.sqrt()
 
 

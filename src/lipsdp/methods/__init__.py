@@ -55,6 +55,27 @@ def verified_output(
     return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
 
 
+def eliminated_output(
+    net, multipliers: np.ndarray, raw: float, status: str, solver: str, notes: list[str] | None = None
+) -> MethodOutput:
+    """`verified_output` for a network whose one wide hidden layer is eliminated from the LMI
+    (`lipsdp.eliminate`): the same LMI statement, proved on its Schur complement."""
+    from lipsdp import eliminate
+
+    notes = list(notes or [])
+    cert = eliminate.certify(net, multipliers)
+    if cert is None:
+        from lipsdp.methods.naive import naive
+
+        out = naive(net)
+        out.notes = notes + ["no LMI certificate (the reduced LMI could not be proved); the verified naive product"]
+        out.raw, out.status = raw, status
+        return out
+    notes.append(f"hidden layer of {net.sizes[1]} eliminated from the LMI (order {net.sizes[0] + net.sizes[2]})")
+    proof = lmi_proof(cert.rho, cert.multipliers, net.alphas, net.betas)
+    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
+
+
 # name -> (module, function, one-line description)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "naive": ("lipsdp.methods.naive", "naive", "product of the layers' spectral norms (verified, loose)"),

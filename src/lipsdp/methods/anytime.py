@@ -62,8 +62,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipsdp import eliminate
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
-from lipsdp.methods import MethodOutput, verified_output
+from lipsdp.methods import MethodOutput, eliminated_output, verified_output
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -555,6 +556,16 @@ def _line_search(obj: _Objective, x, phi0: float, g0, p, mu: float, eps: float, 
     return best
 
 
+def _eliminated(net: Network, start: float, budget: float | None) -> MethodOutput:
+    """One very wide hidden layer (`lipsdp.eliminate`): the best single multiplier, then per-neuron
+    multipliers by L-BFGS with Lanczos eigenvalues on the reduced operator, on the CPU, within the budget."""
+    t0 = eliminate.layer_multipliers(net)
+    deadline = start + budget if budget is not None else math.inf
+    t, evaluations = eliminate.neuron_multipliers(net, t0, deadline)
+    note = f"{evaluations} per-neuron bound evaluations in {time.perf_counter() - start:.1f} s from the best single multiplier"
+    return eliminated_output(net, t, float("nan"), "ok", "numpy-lanczos", [note])
+
+
 def anytime(
     net: Network,
     *,
@@ -579,6 +590,8 @@ def anytime(
         from lipsdp.methods.sequential import sequential
 
         return sequential(net)
+    if eliminate.applies(net):
+        return _eliminated(net, start, budget)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)

@@ -144,8 +144,23 @@ def _solve_structured(net: Network, per_neuron: bool, time_limit: float | None) 
     """The structured interior point, then the best verified candidate: the solver's multipliers or the
     layer-by-layer ones it started from (so the result is never looser than `sequential`), with the
     proven lower bound on the optimum from the solver's dual iterate."""
+    from lipsdp import eliminate
     from lipsdp.heap import retained_heap
 
+    if eliminate.applies(net):  # one very wide hidden layer: the dense interior point cannot hold its LMI
+        if per_neuron:
+            from lipsdp.errors import SolverError
+
+            raise SolverError(
+                f"LipSDP-Neuron's interior point needs the LMI of order {net.sizes[0] + net.sizes[1]}, too large for "
+                f"this network's hidden layer of {net.sizes[1]} neurons; use method='anytime' (per-neuron "
+                "multipliers on the LMI with that layer eliminated) or method='layer' (its exact optimum)"
+            )
+        from lipsdp.methods.sequential import sequential
+
+        out = sequential(net)  # for one hidden layer, the best single multiplier is LipSDP-Layer's optimum
+        out.notes.insert(0, "LipSDP-Layer's optimum by a 1-D convex search on the reduced LMI")
+        return out
     with retained_heap():  # solver, certificates and the sequential candidate reuse their temporaries
         return _structured_candidates(net, per_neuron, time_limit)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from lipsdp import eliminate
 from lipsdp.lmi import schur_rho, sequential_multipliers
-from lipsdp.methods import MethodOutput, verified_output
+from lipsdp.methods import MethodOutput, eliminated_output, verified_output
 from lipsdp.network import Network
 
 
@@ -17,12 +18,20 @@ def sequential(net: Network, **_: object) -> MethodOutput:
     naive product only up to the margins that keep every block strictly definite: there the naive
     product is also certified and the smaller bound returned.
     """
+    if eliminate.applies(net):  # one very wide hidden layer: the best single multiplier, on the reduced LMI
+        t = eliminate.layer_multipliers(net)
+        return _at_most_naive(net, eliminated_output(net, t, float("nan"), "ok", "numpy"))
     try:
         t = sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
         t = None
     raw = schur_rho(net, t) if t is not None else None
     out = verified_output(net, t, float(np.sqrt(raw)) if raw is not None else float("nan"), "ok", "numpy")
+    return _at_most_naive(net, out)
+
+
+def _at_most_naive(net: Network, out: MethodOutput) -> MethodOutput:
+    """With negative slopes (|.|-like layers) the naive product may be tighter: then it is returned."""
     if any(np.any(a < 0) for a in net.alphas):
         from lipsdp.methods.naive import naive
 
