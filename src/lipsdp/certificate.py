@@ -156,6 +156,7 @@ def prove_forms_positive_definite(
         if chol is None:
             return None
         norm = factor_norm_bound(chol)
+        del chol  # only its norm is needed: never two factors alive at once (a deep net's is GBs)
         forms.factor_norm = norm
         if not math.isfinite(norm):
             return None
