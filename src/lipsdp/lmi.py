@@ -284,8 +284,8 @@ def _tau_cap(chol, w: np.ndarray, ab: np.ndarray) -> float:
 
 
 def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0: float, cap: float = np.inf) -> float:
-    """Maximise lambda_min of the next quadratic form over tau < cap (1-D search on log tau, to 1e-3 in
-    log tau: lambda_min is flat at its maximum, and every evaluation is an n^3 eigenvalue problem)."""
+    """Maximise lambda_min of the next quadratic form over tau < cap (1-D search on log tau). Every
+    evaluation is an n^3 eigenvalue problem: none is repeated."""
     from scipy.optimize import minimize_scalar
 
     seen: dict[float, float] = {}
@@ -298,9 +298,7 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
 
     centre = float(np.log(tau0))
     top = min(centre + 6.0, np.log(cap) + np.log1p(-1e-7)) if np.isfinite(cap) else centre + 6.0
-    res = minimize_scalar(
-        negative_min_eig, bounds=(min(centre - 3.0, top - 1.0), top), method="bounded", options={"xatol": 1e-3}
-    )
+    res = minimize_scalar(negative_min_eig, bounds=(min(centre - 3.0, top - 1.0), top), method="bounded")
     best = float(np.exp(res.x))
     return best if negative_min_eig(float(res.x)) <= negative_min_eig(centre) else tau0
 
