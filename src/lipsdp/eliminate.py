@@ -128,20 +128,19 @@ def rho_from_forms(forms: LmiForms) -> float | None:
 def certify(net: Network, t: np.ndarray) -> Certificate | None:
     """A proven bound from multipliers t > 0 through S(rho, T) (module docstring), or None.
 
-    W0 is scaled by a power of two 2^e ~ 1/sqrt(rho*) (exact), so that rho I and R have comparable size in
-    the rounding margin; the proven rho is divided back by 4^e (exact)."""
+    W0 is scaled by a power of two 2^e ~ 1/sqrt(rho*) (exact; rho* estimated by Lanczos, so S is formed
+    once), so that rho I and R have comparable size in the rounding margin; the proven rho is divided back
+    by 4^e (exact)."""
     t = np.asarray(t, dtype=np.float64).reshape(-1)
     if net.depth != 1 or t.size != net.n_neurons or not np.all(np.isfinite(t)) or not np.all(t > 0):
         return None
     red = Reduced(net)
-    base = red.forms(t, 1.0)
-    rho_star = rho_from_forms(base)
-    if rho_star is None or not math.isfinite(rho_star) or rho_star < 0:
-        return None
-    scale = 2.0 ** -round(math.log2(max(rho_star, 1e-300)) / 2.0)
+    estimate = red.rho(t)
+    rho_guess = estimate[0] if estimate is not None and estimate[0] > 0 else 1.0
+    scale = 2.0 ** -round(math.log2(rho_guess) / 2.0)
     forms = red.forms(t, scale)
     rho_b = rho_from_forms(forms)
-    if rho_b is None:
+    if rho_b is None or not math.isfinite(rho_b) or rho_b < 0:
         return None
     unit = max(rho_b, 1e-200)
     for inflation in RHO_INFLATIONS:
@@ -149,7 +148,8 @@ def certify(net: Network, t: np.ndarray) -> Certificate | None:
         proven = prove_forms_positive_definite(forms, rho_try, red.n1 + 6, headroom=rho_try - rho_b)
         if proven is not None:
             rho = rho_try / (scale * scale)  # exact: a power of two
-            return Certificate(math.nextafter(math.sqrt(rho), math.inf), rho, rho_star, t.copy(), proven)
+            estimate = rho_b / (scale * scale)
+            return Certificate(math.nextafter(math.sqrt(rho), math.inf), rho, estimate, t.copy(), proven)
     return None
 
 
@@ -166,7 +166,7 @@ def layer_multipliers(net: Network) -> np.ndarray:
 
     def rho_at(log_tau: float) -> float:
         tau = math.exp(log_tau)
-        r = add_to_diagonal(-(0.5 / tau) * ww, 1.0)
+        r = add_to_diagonal(-(0.5 / tau) * ww, 1.0)  # R(tau I) from W1 W1', formed once
         try:
             chol = sla.cho_factor(r, lower=True, check_finite=False)
         except np.linalg.LinAlgError:

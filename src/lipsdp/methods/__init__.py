@@ -35,13 +35,22 @@ def verified_output(
     net, multipliers: np.ndarray | None, raw: float, status: str, solver: str, notes: list[str] | None = None
 ) -> MethodOutput:
     """Certify a method's multipliers (repairing them if needed); if no LMI certificate can be made at all,
-    fall back to the verified naive product and say so. Never returns an unverified number."""
+    fall back to the verified naive product and say so. Never returns an unverified number. A network of
+    one very wide hidden layer is proved with that layer eliminated (`lipsdp.eliminate`: the same LMI
+    statement, on its Schur complement)."""
+    from lipsdp import eliminate
     from lipsdp.certificate import certify_or_repair
     from lipsdp.errors import VerificationError
 
     notes = list(notes or [])
     try:
-        cert, note = certify_or_repair(net, multipliers)
+        if eliminate.applies(net) and multipliers is not None:
+            cert = eliminate.certify(net, multipliers)
+            if cert is None:
+                raise VerificationError("the LMI with its wide hidden layer eliminated could not be proved")
+            note = f"hidden layer of {net.sizes[1]} eliminated from the LMI (order {net.sizes[0] + net.sizes[2]})"
+        else:
+            cert, note = certify_or_repair(net, multipliers)
     except VerificationError as exc:
         from lipsdp.methods.naive import naive
 
@@ -51,27 +60,6 @@ def verified_output(
         return out
     if note:
         notes.insert(0, note)
-    proof = lmi_proof(cert.rho, cert.multipliers, net.alphas, net.betas)
-    return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
-
-
-def eliminated_output(
-    net, multipliers: np.ndarray, raw: float, status: str, solver: str, notes: list[str] | None = None
-) -> MethodOutput:
-    """`verified_output` for a network whose one wide hidden layer is eliminated from the LMI
-    (`lipsdp.eliminate`): the same LMI statement, proved on its Schur complement."""
-    from lipsdp import eliminate
-
-    notes = list(notes or [])
-    cert = eliminate.certify(net, multipliers)
-    if cert is None:
-        from lipsdp.methods.naive import naive
-
-        out = naive(net)
-        out.notes = notes + ["no LMI certificate (the reduced LMI could not be proved); the verified naive product"]
-        out.raw, out.status = raw, status
-        return out
-    notes.append(f"hidden layer of {net.sizes[1]} eliminated from the LMI (order {net.sizes[0] + net.sizes[2]})")
     proof = lmi_proof(cert.rho, cert.multipliers, net.alphas, net.betas)
     return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
 

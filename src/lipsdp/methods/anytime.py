@@ -64,7 +64,7 @@ import numpy as np
 
 from lipsdp import eliminate
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
-from lipsdp.methods import MethodOutput, eliminated_output, verified_output
+from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
 
 log = logging.getLogger(__name__)
@@ -563,7 +563,7 @@ def _eliminated(net: Network, start: float, budget: float | None) -> MethodOutpu
     deadline = start + budget if budget is not None else math.inf
     t, evaluations = eliminate.neuron_multipliers(net, t0, deadline)
     note = f"{evaluations} per-neuron bound evaluations in {time.perf_counter() - start:.1f} s from the best single multiplier"
-    return eliminated_output(net, t, float("nan"), "ok", "numpy-lanczos", [note])
+    return verified_output(net, t, float("nan"), "ok", "numpy-lanczos", [note])
 
 
 def anytime(

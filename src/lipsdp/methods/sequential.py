@@ -6,7 +6,7 @@ import numpy as np
 
 from lipsdp import eliminate
 from lipsdp.lmi import schur_rho, sequential_multipliers
-from lipsdp.methods import MethodOutput, eliminated_output, verified_output
+from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
 
 
@@ -20,7 +20,7 @@ def sequential(net: Network, **_: object) -> MethodOutput:
     """
     if eliminate.applies(net):  # one very wide hidden layer: the best single multiplier, on the reduced LMI
         t = eliminate.layer_multipliers(net)
-        return _at_most_naive(net, eliminated_output(net, t, float("nan"), "ok", "numpy"))
+        return _at_most_naive(net, verified_output(net, t, float("nan"), "ok", "numpy"))
     try:
         t = sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
