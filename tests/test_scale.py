@@ -124,6 +124,28 @@ def test_compare_orders_tiers_and_plots(tmp_path):
     assert plot.stat().st_size > 1000
 
 
+def test_compare_reports_a_refused_tier_and_runs_the_others(tmp_path):
+    """neuron-dense refuses an LMI of order 520 (> its 400 limit): its row carries that error, the tiers
+    after it still run, and their bounds are the ones `estimate` gives alone."""
+    from typer.testing import CliRunner
+
+    from lipsdp.cli import app
+
+    net = he_network([300, 200, 20, 2], seed=5)
+    path = tmp_path / "net.npz"
+    save_npz(net, path)
+    res = CliRunner().invoke(app, ["compare", str(path), "-m", "neuron-dense", "-m", "naive", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [r["method"] for r in rows] == ["neuron-dense", "naive"]
+    assert "above the limit" in rows[0]["error"] and "upper" not in rows[0]
+    assert rows[1]["upper"] == lipsdp.estimate(net, "naive").upper
+    text = CliRunner().invoke(app, ["compare", str(path), "-m", "neuron-dense", "-m", "naive"])
+    assert text.exit_code == 0 and "neuron-dense failed:" in text.output
+    only = CliRunner().invoke(app, ["compare", str(path), "-m", "neuron-dense"])
+    assert only.exit_code == 1 and "neuron-dense failed:" in only.output
+
+
 @pytest.mark.slow
 def test_deep_net_exact_and_first_order_agree():
     """[50, 50 x 10, 10]: the structured IPM's verified bound and the anytime bound agree to 2%, and the

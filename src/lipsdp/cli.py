@@ -448,7 +448,7 @@ def compare(
         with console.status("bounding...") as status:
             rows, lower_value = run_compare(
                 path, tiers, budget=budget, seed=seed, **({} if activation is None else {"activation": activation}),
-                on_done=lambda row: status.update(f"{row.result.method} done; running the next tier..."),
+                on_done=lambda row: status.update(f"{row.method} done; running the next tier..."),
             )
     except LipSDPError as exc:
         _fail(_about(path, exc))
@@ -460,21 +460,31 @@ def compare(
         ax.figure.tight_layout()
         ax.figure.savefig(plot, dpi=120)
     if as_json:
-        print(json.dumps([dict(r.result.to_dict(), peak_mib=r.peak_bytes / 2**20) for r in rows], indent=2))
-        return
-    print_table(
-        [Column(c) for c in ("method", "upper (verified)", "lower", "upper/lower", "gap (proved)", "seconds",
-                             "peak MiB")],
-        [
-            [r.result.method, _fmt(r.result.upper), _fmt(r.result.lower), _fmt(r.result.ratio, 4),
-             _gap(r.result.gap), f"{r.result.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"]
+        print(json.dumps([
+            dict(r.result.to_dict(), peak_mib=r.peak_bytes / 2**20) if r.result is not None
+            else {"method": r.method, "error": r.error, "lower": lower_value, "seconds": r.seconds,
+                  "peak_mib": r.peak_bytes / 2**20}
             for r in rows
-        ],
-        title=f"{path.name} (lower bound {_fmt(lower_value)})",
-    )
-    for r in rows:
-        if (sentence := gap_sentence(r.result)) is not None:
-            console.print(f"{r.result.method}: {sentence}", highlight=False)
+        ], indent=2))
+    else:
+        print_table(
+            [Column(c) for c in ("method", "upper (verified)", "lower", "upper/lower", "gap (proved)", "seconds",
+                                 "peak MiB")],
+            [
+                [r.method, _fmt(r.result.upper), _fmt(r.result.lower), _fmt(r.result.ratio, 4),
+                 _gap(r.result.gap), f"{r.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"] if r.result is not None
+                else [r.method, "failed", _fmt(lower_value), "-", "-", f"{r.seconds:.2f}", f"{r.peak_bytes / 2**20:.1f}"]
+                for r in rows
+            ],
+            title=f"{path.name} (lower bound {_fmt(lower_value)})",
+        )
+        for r in rows:
+            if r.result is None:
+                console.print(f"{r.method} failed: {r.error}", highlight=False)
+            elif (sentence := gap_sentence(r.result)) is not None:
+                console.print(f"{r.method}: {sentence}", highlight=False)
+    if all(r.result is None for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command()
