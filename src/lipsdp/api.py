@@ -119,32 +119,68 @@ def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOu
         return bound_rescaled(get_method(method), net, method, options)
 
 
+POOL_WEIGHT_EVALUATIONS = (500, 150)  # proxy evaluations to choose pool weights (other methods, naive: a
+# cheap bound). Convnet_maxpool (0.05 s each): its proxy gains 1.43x with 500, 1.3x with 150
+
+
 def _bound_composed(
     composition: Any, method: str, options: dict[str, Any], pair: tuple[int, int] | None, steps: list[Step],
     workers: int, executor: Executor | None,
 ) -> tuple[MethodOutput, int]:
-    """Bound each part of a composition (the class pair on the last part) and multiply by the pools'
-    constants sqrt(m) (`lipsdp.compose`); its proof is a 'compose' proof whose only step is the pair."""
-    from lipsdp.compose import pool_lipschitz
+    """Bound each part of a composition (the class pair on the last part) and multiply, with weighted pools
+    when `compose.choose_weights` finds them better, else times the pools' constants sqrt(m)
+    (`lipsdp.compose`); its proof is a 'compose' proof whose only step is the pair."""
+    from lipsdp.compose import choose_weights, pool_lipschitz, weighted_parts
     from lipsdp.network import pair_network
 
-    parts = list(composition.parts)
-    if pair is not None:
-        parts[-1] = pair_network(parts[-1], pair)
-    outputs = run_all(_bound_piece, [(p, method, options) for p in parts], workers=workers, executor=executor)
+    parts, pools = list(composition.parts), ()
     constants = [pool_lipschitz(m) for m in composition.multiplicities]
+    chosen = choose_weights(composition, evaluations=POOL_WEIGHT_EVALUATIONS[method == "naive"])
+    if chosen is not None:
+        try:
+            weighted = weighted_parts(composition, chosen[0])
+        except ValueError:  # a scaling would not be exact: the plain composition
+            chosen = None
+    if chosen is not None:
+        # the weights are chosen on a proxy; they are kept only when the naive product agrees (never looser)
+        if pair is not None:
+            weighted[-1] = pair_network(weighted[-1], pair)
+            parts[-1] = pair_network(parts[-1], pair)
+        naive_w = [_bound_piece(p, "naive", {}) for p in weighted]
+        naive_p = [_bound_piece(p, "naive", {}) for p in parts]
+        if certified_product([o.upper for o in naive_w]) <= certified_product([o.upper for o in naive_p] + constants):
+            parts, pools, constants = weighted, tuple((w.out_exponents, w.in_exponents) for w in chosen[0]), [1.0] * len(constants)
+            naive_p = naive_w
+        else:
+            chosen = None
+        outputs = naive_p if method == "naive" else None
+    else:
+        if pair is not None:
+            parts[-1] = pair_network(parts[-1], pair)
+        outputs = None
+    if outputs is None:
+        outputs = run_all(_bound_piece, [(p, method, options) for p in parts], workers=workers, executor=executor)
     upper = certified_product([o.upper for o in outputs] + constants)
     raw = float(np.prod([o.raw for o in outputs]) * np.prod(constants))
-    notes = [
-        (f"max pooling: the bound is composed of {len(parts)} parts at {len(constants)} max pools (times "
-        f"{', '.join(f'sqrt({m})' for m in composition.multiplicities)}); pools='exact' bounds the exact chain")
-    ]
+    if chosen is None:
+        notes = [
+            (f"max pooling: the bound is composed of {len(parts)} parts at {len(constants)} max pools (times "
+            f"{', '.join(f'sqrt({m})' for m in composition.multiplicities)}); pools='exact' bounds the exact chain")
+        ]
+    else:
+        notes = [
+            (f"max pooling: the bound is composed of {len(parts)} parts at {len(constants)} weighted max pools "
+             f"(weights chosen on the parts' linearisations, {chosen[1]:.3g}x below the plain composition there); "
+             "pools='exact' bounds the exact chain")
+        ]
     for i, o in enumerate(outputs):
         notes.extend(f"part {i + 1}: {n}" for n in o.notes)
     status = "ok" if all(o.status in ("ok", "optimal") for o in outputs) else ",".join(o.status for o in outputs)
     out = MethodOutput(upper, raw, status, outputs[0].certificate, None, notes, outputs[-1].solver)
     if all(o.proof is not None for o in outputs):
-        out.proof = Proof("compose", tuple(steps), lipschitz=tuple(constants), pieces=tuple(o.proof for o in outputs))
+        out.proof = Proof(
+            "compose", tuple(steps), lipschitz=tuple(constants), pieces=tuple(o.proof for o in outputs), pools=pools
+        )
     return out, len(parts)
 
 

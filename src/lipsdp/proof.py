@@ -14,8 +14,10 @@ A `Proof` says *why* L <= upper, in data an independent checker (`lipsdp.verify`
                   L <= prod(piece bounds) * prod(lipschitz).
 - kind 'compose': the network's graph factored at max pools (`lipsdp.compose`): `pieces` the proofs of its
                   parts in order, `lipschitz[i]` with lipschitz[i]^2 >= the multiplicity of pool i; then
-                  L <= prod(part bounds) * prod(lipschitz). Its only step may be a 'pair', which applies to
-                  the last part.
+                  L <= prod(part bounds) * prod(lipschitz). With `pools` (per pool: the exponents e_i of
+                  its outputs' weights 4^e_i and f_j of its inputs' 4^f_j, None for weight 0), the pieces
+                  prove the weighted parts and lipschitz[i] >= 1 (`lipsdp.compose`, weighted pools). Its
+                  only step may be a 'pair', which applies to the last part.
 
 `steps` are the exact transforms, applied in order, from the network the proof is about to the one the
 method saw; each maps bounds back as stated in `Step`. The top-level proof also names the user's network
@@ -106,6 +108,8 @@ class Proof:
     split: int = 0
     pieces: tuple[Proof, ...] = ()
     network: NetworkRecord | None = None
+    # 'compose' with weighted pools: per pool (output exponents e_i, input exponents f_j or None)
+    pools: tuple[tuple[tuple[int, ...], tuple[int | None, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -286,7 +290,21 @@ def proof_to_json(proof: Proof) -> dict[str, Any]:
             out["split"] = proof.split
         out["lipschitz"] = [hexf(x) for x in proof.lipschitz]
         out["pieces"] = [proof_to_json(p) for p in proof.pieces]
+        if proof.pools:
+            out["pools"] = [{"out_exponents": list(e), "in_exponents": list(f)} for e, f in proof.pools]
     return out
+
+
+def _pools_from_json(items: Any) -> tuple[tuple[tuple[int, ...], tuple[int | None, ...]], ...]:
+    out = []
+    for item in _list(items, "pools"):
+        if not isinstance(item, dict):
+            raise TypeError("each pool's weights must be an object with 'out_exponents' and 'in_exponents'")
+        f = _list(item.get("in_exponents"), "in_exponents")
+        if not all(x is None or (isinstance(x, int) and not isinstance(x, bool)) for x in f):
+            raise ValueError("in_exponents must be a list of integers or nulls")
+        out.append((_ints(item.get("out_exponents"), "out_exponents"), tuple(f)))
+    return tuple(out)
 
 
 def proof_from_json(data: Any) -> Proof:
@@ -321,6 +339,7 @@ def proof_from_json(data: Any) -> Proof:
             split=split,
             lipschitz=tuple(float(x) for x in _floats(data.get("lipschitz"), "lipschitz")),
             pieces=tuple(proof_from_json(p) for p in _list(data.get("pieces"), "pieces")),
+            pools=_pools_from_json(data["pools"]) if kind == "compose" and "pools" in data else (),
         )
     return Proof(kind, steps)
 

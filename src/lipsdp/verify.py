@@ -54,7 +54,10 @@ The mathematics relied on
    (`lipsdp.compose`, whose module docstring proves Lip(P) <= sqrt(m) for a pool of multiplicity m). The
    checker trusts that factoring and the parts' exact lowering (this project's code, re-run on the model
    file, as it trusts the loaders); it re-proves each part's bound as above (a class pair applies to the
-   last part) and c^2 >= m for each pool's constant c, and multiplies.
+   last part) and c^2 >= m for each pool's constant c, and multiplies. With weighted pools it checks each
+   weight inequality sigma_j >= sum tau_i in exact integer arithmetic (`compose.weights_hold`), trusts
+   the exact power-of-two scaling of the parts (`compose.weighted_parts`, checked exact there) like the
+   lowering, re-proves the weighted parts' bounds and c^2 >= 1.
 
 What is guaranteed: `accepted` is True only if the checker proved that the Lipschitz constant of the
 target (f, or f_i - f_j; on the certificate's region if it names one) is at most `proven` and that the
@@ -848,13 +851,30 @@ def _check_compose(proof: Proof, net: Any, top: bool):
             f"compose: {len(proof.pieces)} parts and {len(proof.lipschitz)} pool constants, but the model factors "
             f"into {len(comp.parts)} parts at {len(comp.multiplicities)} max pools"
         )
+    parts = list(comp.parts)
+    if proof.pools:  # weighted pools: every weight inequality exactly, then the weighted parts
+        from lipsdp.compose import PoolWeights, weighted_parts, weights_hold
+
+        if len(proof.pools) != len(comp.multiplicities) or len(comp.windows) != len(comp.multiplicities):
+            raise _Reject(f"compose: {len(proof.pools)} weighted pools for {len(comp.multiplicities)} max pools")
+        weights = tuple(PoolWeights(tuple(e), tuple(f)) for e, f in proof.pools)
+        for i, w in enumerate(weights):
+            reason = weights_hold(comp.windows[i], parts[i].weights[-1].shape[0], w)
+            if reason is not None:
+                raise _Reject(f"compose: the weights of max pool {i + 1} do not hold: {reason}")
+        try:
+            parts = weighted_parts(comp, weights)
+        except ValueError as exc:
+            raise _Reject(f"compose: {exc}") from None
     bound = arb(1)
     for i, (c, m) in enumerate(zip(proof.lipschitz, comp.multiplicities)):
-        if not (math.isfinite(c) and c >= 0 and arb(c) * arb(c) >= m):
-            raise _Reject(f"compose: the constant {c!r} of max pool {i + 1} is below sqrt({m}) (its multiplicity)")
+        need = 1 if proof.pools else m
+        if not (math.isfinite(c) and c >= 0 and arb(c) * arb(c) >= need):
+            raise _Reject(f"compose: the constant {c!r} of max pool {i + 1} is below sqrt({need})"
+                          + ("" if proof.pools else " (its multiplicity)"))
         bound = bound * arb(c)
-    last = len(comp.parts) - 1
-    for i, (part, piece) in enumerate(zip(comp.parts, proof.pieces)):
+    last = len(parts) - 1
+    for i, (part, piece) in enumerate(zip(parts, proof.pieces)):
         state = _initial_state(part)
         if i == last and proof.steps:
             state = _pair(state, proof.steps[0])
