@@ -107,10 +107,13 @@ def _region_record(region: Any) -> dict[str, Any] | None:
 
 def _bound_piece(net: Network, method: str, options: dict[str, Any]) -> MethodOutput:
     """Module-level task: bound one network (or one piece of it) with one method, with the BLAS / torch
-    threads that `threads.threads_for_sizes` gives its LMI (one for small problems: steady on a busy machine)."""
+    threads that `threads.threads_for_sizes` gives its LMI (one for small problems: steady on a busy machine);
+    a dense LMI method whose blocks cannot fit in memory is refused first (`lipsdp.memory`)."""
+    from lipsdp.memory import check_fits
     from lipsdp.scaling import bound_rescaled
     from lipsdp.threads import limited_threads, threads_for_sizes
 
+    check_fits(net, method)
     options = dict(options)
     threads = threads_for_sizes(net.sizes, options.pop("threads", None))
     if method == "anytime":

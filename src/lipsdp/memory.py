@@ -1,0 +1,76 @@
+"""Refuse a dense LMI method up front when its blocks cannot fit in memory (an error, never a killed process).
+
+The LMI methods (`sequential`, `anytime`, `layer`, `neuron`) hold dense blocks of the chain: the n_k x n_k
+diagonal blocks, the n_k x n_(k+1) off-diagonal ones, their Cholesky factors and the solver's
+temporaries. Their peak is about `PEAK_FACTOR` 8-byte numbers per entry of those blocks; measured on the
+CIFAR-10 CNNs of VNN-COMP (2 cores): resnet_4b sequential 7164 MiB for blocks of 2245 MiB worth of
+entries (x3.2), resnet_2b 2658 for 744 (x3.6), cifar_base_kw 1679 for 466 (x3.6), cifar10_large 5867
+for 2120 (x2.8). A chain whose estimate exceeds the memory the system reports available would be killed
+by the kernel mid-solve (a ConvBig-sized layer of 32768 neurons needs ~100 GB); it gets a `LipSDPError`
+naming the widest layer and what to use instead. A network whose one wide hidden layer is eliminated
+(`lipsdp.eliminate`) never forms that layer's blocks and is estimated without it.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import pairwise
+
+from lipsdp.errors import LipSDPError
+from lipsdp.network import Network
+
+PEAK_FACTOR = 4.0  # peak bytes / (8 bytes x entries of the dense blocks), above every measured ratio
+DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-dense"})
+
+
+def block_entries(net: Network) -> int:
+    """Entries of the LMI's dense blocks: sum n_k^2 + sum n_k n_(k+1) over the blocks x_0 .. x_l (with one
+    eliminated wide layer: the reduced matrix of order n_0 + n_2 and the weights' n_1 (n_0 + n_2))."""
+    from lipsdp import eliminate
+
+    if eliminate.applies(net):
+        n0, n1, n2 = net.sizes
+        return (n0 + n2) ** 2 + n1 * (n0 + n2)
+    sizes = net.sizes[:-1]
+    return sum(n * n for n in sizes) + sum(a * b for a, b in pairwise(sizes))
+
+
+def available_bytes() -> int | None:
+    """Memory the system reports available now (Linux MemAvailable, lowered to LIPSDP_MEMORY_GIB when that
+    is set), or None when unknown."""
+    limit = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limit = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    cap = os.environ.get("LIPSDP_MEMORY_GIB")
+    if cap:
+        try:
+            cap_bytes = int(float(cap) * 2**30)
+        except ValueError:
+            raise LipSDPError(f"LIPSDP_MEMORY_GIB must be a number of GiB, got {cap!r}") from None
+        limit = cap_bytes if limit is None else min(limit, cap_bytes)
+    return limit
+
+
+def check_fits(net: Network, method: str) -> None:
+    """Raise `LipSDPError` when a dense LMI method's estimated peak exceeds the available memory."""
+    if str(method).strip().lower() not in DENSE_METHODS or net.depth == 0:
+        return
+    available = available_bytes()
+    if available is None:
+        return
+    need = PEAK_FACTOR * 8.0 * block_entries(net)
+    if need <= available:
+        return
+    widest = max(range(len(net.sizes) - 1), key=lambda k: net.sizes[k])
+    raise LipSDPError(
+        f"method '{method}' would need about {need / 2**30:.3g} GiB for the dense LMI blocks of this network "
+        f"(widest layer: {net.sizes[widest]} neurons, layer {widest}), more than the {available / 2**30:.3g} GiB "
+        "available; use method='naive' (operator norms, no dense blocks), split=K to bound pieces of K layers, "
+        "or a machine with more memory"
+    )

@@ -1,0 +1,52 @@
+"""The memory guard of the dense LMI methods (lipsdp.memory): the block count is the LMI's, an
+eliminated wide layer is not counted, and a method whose blocks cannot fit is one clear LipSDPError
+(the naive product still runs), from the API and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import he_network
+from typer.testing import CliRunner
+
+import lipsdp
+from lipsdp import memory
+from lipsdp.cli import app
+from lipsdp.io.arrays import save_npz
+
+
+def test_block_entries_count_the_lmi_blocks():
+    net = he_network([5, 7, 3, 2], seed=0)
+    assert memory.block_entries(net) == 5 * 5 + 7 * 7 + 3 * 3 + 5 * 7 + 7 * 3
+
+
+def test_an_eliminated_wide_layer_is_not_counted():
+    rng = np.random.default_rng(0)
+    net = lipsdp.Network.from_arrays([rng.standard_normal((2048, 6)), rng.standard_normal((3, 2048))])
+    assert memory.block_entries(net) == 9 * 9 + 2048 * 9  # the reduced matrix and the weights, no 2048^2
+
+
+@pytest.mark.parametrize("method", ["sequential", "anytime", "layer", "neuron"])
+def test_a_method_that_cannot_fit_is_refused_clearly(method, monkeypatch):
+    net = he_network([20, 30, 10, 2], seed=1)
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "1e-6")  # ~1 KiB: far below 4 x 8 bytes x 1840 entries
+    with pytest.raises(lipsdp.LipSDPError, match=r"would need about .*widest layer: 30 neurons, layer 1"):
+        lipsdp.estimate(net, method=method)
+    naive = lipsdp.estimate(net, method="naive").upper
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "1")
+    assert lipsdp.estimate(net, method="sequential").upper <= naive * (1 + 1e-12)
+
+
+def test_the_cli_reports_the_refusal(tmp_path, monkeypatch):
+    path = tmp_path / "net.npz"
+    save_npz(he_network([20, 30, 10, 2], seed=1), path)
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "1e-6")
+    res = CliRunner().invoke(app, ["estimate", str(path), "--method", "sequential"])
+    assert res.exit_code != 0 and "method 'sequential' would need about" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_bad_memory_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "lots")
+    with pytest.raises(lipsdp.LipSDPError, match="LIPSDP_MEMORY_GIB must be a number"):
+        lipsdp.estimate(he_network([3, 4, 2], seed=0), method="sequential")
