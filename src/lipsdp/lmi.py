@@ -206,7 +206,7 @@ def schur_rho(net: Network, t: np.ndarray) -> float | None:
             except (np.linalg.LinAlgError, ValueError):
                 return None
             u = f.upper[k - 1]  # block (k-1, k)
-            reduced = u @ sla.cho_solve(chol, u.T, check_finite=False)
+            reduced = _gram_through(chol[0], u.T)
             if k > 1:
                 d = f.diag[k - 1] - reduced
             else:
@@ -234,28 +234,58 @@ def sequential_multipliers(net: Network) -> np.ndarray:
         d = a + b
         ab = 2.0 * a * b
         chol = sla.cho_factor(x, lower=True, check_finite=False)
-        k_mat = (d[:, None] * w) @ sla.cho_solve(chol, (w * d[:, None]).T, check_finite=False)
-        lam = float(sla.eigvalsh(0.5 * (k_mat + k_mat.T), subset_by_index=[k_mat.shape[0] - 1] * 2)[0])
+        k_mat = _gram_through(chol[0], (w * d[:, None]).T)  # D W X^-1 W' D
+        lam = top_eigenvalue(k_mat)
         tau = 1.0 / lam if lam > 1e-300 else 1.0
         cap = _tau_cap(chol, w, ab)
         tau = min(tau, 0.5 * cap)
         if np.any(ab != 0):
             tau = _best_tau(x, w, d, ab, tau, cap)
-        x_next = _next_quadratic_form(x, w, d, ab, tau)
+            x_next = _next_quadratic_form(x, w, d, ab, tau)
+        else:  # X_{k+1} = 2 tau I - tau^2 K: the K just formed (the same floats as forming it again)
+            x_next = add_to_diagonal(k_mat * -(tau * tau), 2.0 * tau)
+        del k_mat
         taus.append(np.full(w.shape[0], tau))
         x = 0.5 * (x_next + x_next.T)
+        del x_next
     w = net.weights[-1]
     chol = sla.cho_factor(x, lower=True, check_finite=False)
     if w.shape[0] > w.shape[1]:  # a wide output (a part ending in a convolution): the same nonzero spectrum
         half = sla.solve_triangular(chol[0], w.T, lower=True, check_finite=False)  # L^-1 W' with X = L L'
         final = half @ half.T
     else:
-        final = w @ sla.cho_solve(chol, w.T, check_finite=False)
-    rho = float(sla.eigvalsh(0.5 * (final + final.T), subset_by_index=[final.shape[0] - 1] * 2)[0])
+        final = _gram_through(chol[0], w.T)
+    rho = top_eigenvalue(final)
     # A slightly larger rho keeps the hidden block strictly definite (it is singular at rho exactly when the
     # last layer is orthogonal to some direction, e.g. |x| = relu(x) + relu(-x)); certify recomputes rho.
     rho = max(rho, 1e-300) * (1.0 + 1e-6)
     return rho * np.concatenate(taus) if taus else np.zeros(0)
+
+
+def _gram_through(low: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """B' (L L')^-1 B as H'H with H = L^-1 B: one triangular solve, not the two of a Cholesky solve."""
+    h = sla.solve_triangular(low, b, lower=True, check_finite=False)
+    return h.T @ h
+
+
+LANCZOS_MIN = 1500  # from this order on, extreme eigenvalues by Lanczos (O(n^2) per step, not O(n^3))
+
+
+def top_eigenvalue(m: np.ndarray) -> float:
+    """The largest eigenvalue of the symmetric part of m: LAPACK below LANCZOS_MIN, else Lanczos (ARPACK,
+    a fixed start: deterministic) to a relative 1e-12, LAPACK if it does not converge. An estimate for
+    choosing multipliers: every bound is proved afterwards by `lipsdp.certificate`."""
+    n = m.shape[0]
+    if n >= LANCZOS_MIN:
+        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+        op = LinearOperator((n, n), matvec=lambda v: 0.5 * (m @ v.reshape(-1) + m.T @ v.reshape(-1)), dtype=m.dtype)
+        try:
+            v0 = np.ones(n) + 1e-3 * np.cos(np.arange(n))
+            return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-12, return_eigenvectors=False)[0])
+        except ArpackNoConvergence:
+            pass
+    return float(sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[n - 1] * 2, check_finite=False)[0])
 
 
 def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau: float) -> np.ndarray:

@@ -2,12 +2,15 @@
 
 The LMI methods (`sequential`, `anytime`, `layer`, `neuron`) hold dense blocks of the chain: the n_k x n_k
 diagonal blocks, the n_k x n_(k+1) off-diagonal ones, their Cholesky factors and the solver's
-temporaries. Their peak is about `PEAK_FACTOR` 8-byte numbers per entry of those blocks; measured on the
-CIFAR-10 CNNs of VNN-COMP (2 cores): resnet_4b sequential 7164 MiB for blocks of 2245 MiB worth of
-entries (x3.2), resnet_2b 2658 for 744 (x3.6), cifar_base_kw 1679 for 466 (x3.6), cifar10_large 5867
-for 2120 (x2.8). A chain whose estimate exceeds the memory the system reports available would be killed
-by the kernel mid-solve (a ConvBig-sized layer of 32768 neurons needs ~100 GB); it gets a `LipSDPError`
-naming the widest layer and what to use instead. A network whose one wide hidden layer is eliminated
+temporaries. Their peak is at most about `PEAK_FACTOR` 8-byte numbers per entry of those blocks; measured
+(process peak / block entries x 8 bytes, sequential, 2 cores) on the CIFAR-10 CNNs of VNN-COMP:
+resnet_4b 7164 MiB / 2245 MiB (x3.2), resnet_2b 2658 / 744 (x3.6), cifar_base_kw 1679 / 466 (x3.6),
+cifar10_large 5867 / 2120 (x2.8), and a net shaped like COLT's cifar10_8_255 (3072 -> 8192 -> 8192 ->
+250 -> 10, two coupled blocks of 8192) 14648 / 1812 (x8.1). A chain whose estimate exceeds the memory
+available would be killed by the kernel mid-solve (a ConvBig-sized layer of 32768 neurons needs ~100
+GB); it gets a `LipSDPError` naming the widest layer and what to use instead. The memory available is
+what the system reports (Linux MemAvailable), or `LIPSDP_MEMORY_GIB` when set (to allow more, with swap,
+or less). A network whose one wide hidden layer is eliminated
 (`lipsdp.eliminate`) never forms that layer's blocks and is estimated without it.
 """
 
@@ -19,7 +22,7 @@ from itertools import pairwise
 from lipsdp.errors import LipSDPError
 from lipsdp.network import Network
 
-PEAK_FACTOR = 4.0  # peak bytes / (8 bytes x entries of the dense blocks), above every measured ratio
+PEAK_FACTOR = 8.5  # peak bytes / (8 bytes x entries of the dense blocks), above every measured ratio
 DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-dense"})
 
 
@@ -36,25 +39,22 @@ def block_entries(net: Network) -> int:
 
 
 def available_bytes() -> int | None:
-    """Memory the system reports available now (Linux MemAvailable, lowered to LIPSDP_MEMORY_GIB when that
-    is set), or None when unknown."""
-    limit = None
+    """The memory a method may use: LIPSDP_MEMORY_GIB when set, else what Linux reports available now
+    (MemAvailable); None when neither is known."""
+    cap = os.environ.get("LIPSDP_MEMORY_GIB")
+    if cap:
+        try:
+            return int(float(cap) * 2**30)
+        except ValueError:
+            raise LipSDPError(f"LIPSDP_MEMORY_GIB must be a number of GiB, got {cap!r}") from None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    limit = int(line.split()[1]) * 1024
-                    break
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    cap = os.environ.get("LIPSDP_MEMORY_GIB")
-    if cap:
-        try:
-            cap_bytes = int(float(cap) * 2**30)
-        except ValueError:
-            raise LipSDPError(f"LIPSDP_MEMORY_GIB must be a number of GiB, got {cap!r}") from None
-        limit = cap_bytes if limit is None else min(limit, cap_bytes)
-    return limit
+    return None
 
 
 def check_fits(net: Network, method: str) -> None:
@@ -72,5 +72,5 @@ def check_fits(net: Network, method: str) -> None:
         f"method '{method}' would need about {need / 2**30:.3g} GiB for the dense LMI blocks of this network "
         f"(widest layer: {net.sizes[widest]} neurons, layer {widest}), more than the {available / 2**30:.3g} GiB "
         "available; use method='naive' (operator norms, no dense blocks), split=K to bound pieces of K layers, "
-        "or a machine with more memory"
+        "or a machine with more memory (LIPSDP_MEMORY_GIB overrides the amount assumed available)"
     )

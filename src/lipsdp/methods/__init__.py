@@ -7,6 +7,7 @@ verified upper bound (proved by `lipsdp.certificate`); `raw` is the method's own
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +36,8 @@ def verified_output(
     net, multipliers: np.ndarray | None, raw: float, status: str, solver: str, notes: list[str] | None = None
 ) -> MethodOutput:
     """Certify a method's multipliers (repairing them if needed); if no LMI certificate can be made at all,
-    fall back to the verified naive product and say so. Never returns an unverified number. A network of
+    fall back to the verified naive product and say so. Never returns an unverified number. A `raw` of
+    NaN becomes the certificate's own estimate sqrt(rho*(T)). A network of
     one very wide hidden layer is proved with that layer eliminated (`lipsdp.eliminate`: the same LMI
     statement, on its Schur complement)."""
     from lipsdp import eliminate
@@ -60,6 +62,8 @@ def verified_output(
         return out
     if note:
         notes.insert(0, note)
+    if math.isnan(raw):  # the method has no value of its own: the certificate's estimate of rho*(T)
+        raw = math.sqrt(max(cert.rho_estimate, 0.0))
     proof = lmi_proof(cert.rho, cert.multipliers, net.alphas, net.betas)
     return MethodOutput(cert.upper, raw, status, "lmi-cholesky", cert.multipliers, notes, solver, proof=proof)
 
