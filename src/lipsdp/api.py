@@ -152,8 +152,8 @@ def _bound_composed(
         naive_w = [_bound_piece(p, "naive", {}) for p in weighted]
         naive_p = [_bound_piece(p, "naive", {}) for p in parts]
         if certified_product([o.upper for o in naive_w]) <= certified_product([o.upper for o in naive_p] + constants):
-            parts, pools, constants = weighted, tuple((w.out_exponents, w.in_exponents) for w in chosen[0]), [1.0] * len(constants)
-            naive_p = naive_w
+            parts, naive_p, constants = weighted, naive_w, [1.0] * len(constants)
+            pools = tuple((w.out_exponents, w.in_exponents) for w in chosen[0])
         else:
             chosen = None
         outputs = naive_p if method == "naive" else None

@@ -48,7 +48,8 @@ activation onto the next weight's columns instead: the same function, and a firs
 treats well. With several pools a middle part gets both. `choose_weights` picks the exponents by
 minimising, over log tau, the product of the parts' linearisations' norms (all slopes at their mid-point:
 a proxy, so any choice is sound), rounded to powers of four; they are used only when that proxy beats the
-unweighted product times sqrt(m) by WEIGHTED_GAIN.
+unweighted product times sqrt(m) by WEIGHTED_GAIN, and `lipsdp.estimate` keeps them only when the naive
+product of the weighted parts is not above the plain composition's (so weighting never loosens naive).
 
 What `lipsdp verify` trusts here: the factoring, the parts' lowering and the weighted parts' exact
 scaling are this module's and `lipsdp.graph`'s code, re-run on the model file it loads (as the loaders
