@@ -245,3 +245,23 @@ def test_certified_product_rounds_up():
     assert Fraction(certified_product(factors)) >= exact
     assert certified_product(factors) == pytest.approx(float(exact), rel=1e-14)
     assert certified_product([2.0, 0.0]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["zero", "one entry", "negative", "random"])
+def test_top_eigenvalue_by_lanczos_matches_lapack(kind):
+    """From order LANCZOS_MIN on the top eigenvalue comes from ARPACK; it agrees with LAPACK to 1e-10
+    (relative to the norm), and the cases ARPACK cannot start on (a zero matrix) fall back to LAPACK."""
+    import scipy.linalg as sla
+
+    from lipsdp.lmi import LANCZOS_MIN, top_eigenvalue
+
+    n = LANCZOS_MIN + 10
+    a = np.random.default_rng(0).standard_normal((n, 40))
+    m = {
+        "zero": np.zeros((n, n)),
+        "one entry": np.diag(np.r_[np.zeros(n - 1), 3.0]),
+        "negative": -np.eye(n) - 0.5 * np.diag(np.arange(n) / n),
+        "random": a @ a.T,
+    }[kind]
+    exact = float(sla.eigvalsh(m, subset_by_index=[n - 1, n - 1])[0])
+    assert top_eigenvalue(m) == pytest.approx(exact, abs=1e-10 * max(1.0, np.abs(m).max()))

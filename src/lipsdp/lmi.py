@@ -273,17 +273,17 @@ LANCZOS_MIN = 1500  # from this order on, extreme eigenvalues by Lanczos (O(n^2)
 
 def top_eigenvalue(m: np.ndarray) -> float:
     """The largest eigenvalue of the symmetric part of m: LAPACK below LANCZOS_MIN, else Lanczos (ARPACK,
-    a fixed start: deterministic) to a relative 1e-12, LAPACK if it does not converge. An estimate for
+    a fixed start: deterministic) to a relative 1e-12, LAPACK if ARPACK fails. An estimate for
     choosing multipliers: every bound is proved afterwards by `lipsdp.certificate`."""
     n = m.shape[0]
     if n >= LANCZOS_MIN:
-        from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+        from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
         op = LinearOperator((n, n), matvec=lambda v: 0.5 * (m @ v.reshape(-1) + m.T @ v.reshape(-1)), dtype=m.dtype)
         try:
             v0 = np.ones(n) + 1e-3 * np.cos(np.arange(n))
             return float(eigsh(op, k=1, which="LA", v0=v0, tol=1e-12, return_eigenvectors=False)[0])
-        except ArpackNoConvergence:
+        except ArpackError:  # no convergence, or a start in an invariant subspace (m = 0): LAPACK
             pass
     return float(sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[n - 1] * 2, check_finite=False)[0])
 
