@@ -219,20 +219,21 @@ def weights_hold(windows: np.ndarray, n_in: int, weights: PoolWeights) -> str | 
         x is not None and (not isinstance(x, int) or abs(x) > 500) for x in f
     ):
         return "the exponents must be integers of magnitude at most 500"
-    holders: dict[int, list[int]] = {}
-    for i, row in enumerate(win):
-        for j in {int(x) for x in row if x >= 0}:
-            holders.setdefault(j, []).append(i)
-    for j in range(n_in):
-        if j not in holders:
+    for j, holders in enumerate(_holders(_incidence(win, n_in))):
+        if holders.size == 0:
             continue
         if f[j] is None:
             return f"input {j} is read by a window but its weight is zero"
-        low = min(min(e[i] for i in holders[j]), f[j])
-        total = sum(4 ** (e[i] - low) for i in holders[j])
-        if 4 ** (f[j] - low) < total:
+        low = min(min(e[i] for i in holders), f[j])
+        if 4 ** (f[j] - low) < sum(4 ** (e[i] - low) for i in holders):
             return f"input {j}: 4^{f[j]} is below the sum of its windows' weights"
     return None
+
+
+def _holders(incidence) -> list[np.ndarray]:
+    """Per input entry j: the windows holding it (each once), from the incidence matrix's columns."""
+    csc = incidence.tocsc()
+    return [csc.indices[csc.indptr[j]:csc.indptr[j + 1]] for j in range(csc.shape[1])]
 
 
 def _scaled_rows(net: Network, exponents: tuple[int | None, ...]) -> Network:
@@ -429,10 +430,8 @@ def choose_weights(
 
 def _input_exponents(incidence, e: np.ndarray) -> tuple[int | None, ...]:
     """The smallest f_j with 4^f_j >= sum of 4^e_i over the windows i holding j (exact, in integers)."""
-    csc = incidence.tocsc()
     out: list[int | None] = []
-    for j in range(csc.shape[1]):
-        holders = csc.indices[csc.indptr[j]:csc.indptr[j + 1]]
+    for holders in _holders(incidence):
         if holders.size == 0:
             out.append(None)
             continue
