@@ -18,6 +18,9 @@ The proof (`prove_positive_definite`) combines two published error bounds, u = 2
    so k <= w = max_k (n_{k-1} + n_k), two neighbouring blocks, not the whole order n. Then
    lambda_min(A) >= -||dA||_2 >= -g ||(|L|)||_2^2 >= -g ||L||_1 ||L||_inf (Hoelder), the largest column
    and row sums of |L|, computed from the factor itself; we use g_{2w+2} for extra room.
+With wide hidden layers eliminated (`lipsdp.reduced`: their diagonal blocks are diagonal), the same proof
+runs on the Schur complement F' over the other layers, which is positive definite iff F is; its forming
+error is stated there.
 So we factor A = fl(F - cI); success proves lambda_min(F_exact) >= c - u*max|F_ii - c| - g ||L||_1
 ||L||_inf - e, and we accept only when that number is positive. Assumes no underflow (entries far above
 1e-290).
@@ -36,11 +39,14 @@ from lipsdp.lmi import (
     BlockCholesky,
     BlockTridiagonal,
     add_to_diagonal,
+    all_finite,
     negated_lmi,
-    schur_rho,
     sequential_multipliers,
 )
 from lipsdp.network import Network
+from lipsdp.reduced import Reduction, dense_weights, plan, sparse_weights, usable
+from lipsdp.reduced import schur_rho as reduced_schur_rho
+from lipsdp.reduced import sequential_multipliers as reduced_multipliers
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +107,17 @@ class LmiForms:
     f0: BlockTridiagonal
     abs_sums: np.ndarray
     factor_norm: float | None = None
+    inner: int | None = None  # terms per entry, when not the network's widest layer (`lipsdp.reduced`)
 
 
-def lmi_forms(net: Network, t: np.ndarray) -> LmiForms:
-    """`LmiForms` of the LMI of `net` at multipliers t."""
+def lmi_forms(net: Network, t: np.ndarray, eliminated: tuple[int, ...] = ()) -> LmiForms:
+    """`LmiForms` of the LMI of `net` at multipliers t; with `eliminated` hidden layers (`lipsdp.reduced`,
+    usable for t), of the equivalent reduced LMI F' over the other layers."""
+    eliminated = usable(net, eliminated, t) if eliminated else ()
+    if eliminated:
+        red = Reduction(net, eliminated)
+        return LmiForms(*red.forms(t), inner=red.inner)
+    net = dense_weights(net)
     return LmiForms(negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True)))
 
 
@@ -130,7 +143,8 @@ def prove_positive_definite(
     lambda_min(F(rho, T)) (rho - rho*(T)); when the rounding margin is far above it the proof cannot
     succeed and the factorisation is skipped (a shortcut only: it never turns a failure into a proof)."""
     forms = lmi_forms(net, t) if forms is None else forms
-    return prove_forms_positive_definite(forms, rho, max(max(net.sizes), 1) + 6, headroom)
+    inner = forms.inner if forms.inner is not None else max(max(net.sizes), 1) + 6
+    return prove_forms_positive_definite(forms, rho, inner, headroom)
 
 
 def prove_forms_positive_definite(
@@ -206,20 +220,24 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     balanced: dict[int, tuple | None] = {}  # per multiplier vector: shared by its two recipes
     prepared: dict[int, tuple | None] = {}
     forms: dict[int, LmiForms] = {}
-    inflations = RHO_INFLATIONS if sum(net.sizes[:-1]) < LARGE_LMI_ORDER else RHO_INFLATIONS[2:]
+    eliminated = usable(net, plan(net), t) if net.depth else ()
+    if eliminated:  # the proof's copies of the weights (balanced, equilibrated) are sparse: CNN-sized
+        net = sparse_weights(net)
+    order = sum(n for k, n in enumerate(net.sizes[:-1]) if k not in eliminated)
+    inflations = RHO_INFLATIONS if order < LARGE_LMI_ORDER else RHO_INFLATIONS[2:]
     for inflation in inflations:
         for k, (t_k, equilibrate) in enumerate(recipes):
             if k > 0 and inflation == inflations[0]:
                 break  # the others only once the given T has failed at the smallest rho
             if k not in prepared:
                 if k // 2 not in balanced:
-                    balanced[k // 2] = _balanced(net, t_k)
+                    balanced[k // 2] = _balanced(net, t_k, usable(net, eliminated, t_k) if eliminated else ())
                 base = balanced[k // 2]
                 prepared[k] = _equilibrated(*base) if equilibrate and base is not None else base
             if prepared[k] is not None:
                 if k not in forms:
-                    forms[k] = lmi_forms(prepared[k][1], prepared[k][2])
-                cert = _prove_at(net, *prepared[k], inflation, forms[k])
+                    forms[k] = lmi_forms(prepared[k][1], prepared[k][2], prepared[k][4])
+                cert = _prove_at(net, *prepared[k][:4], inflation, forms[k])
                 if cert is not None:
                     return cert
     log.debug("certificate failed at every inflation")
@@ -235,26 +253,26 @@ def _layer_inflation(net: Network, d: float) -> np.ndarray:
     return np.repeat((1.0 + d) ** (net.depth - np.arange(net.depth)), net.hidden_sizes)
 
 
-def _balanced(net: Network, t: np.ndarray):
-    """(balancing, balanced network, balanced multipliers, rho*) for the proof, or None."""
+def _balanced(net: Network, t: np.ndarray, eliminated: tuple[int, ...]):
+    """(balancing, balanced network, balanced multipliers, rho*, eliminated layers) for the proof, or None."""
     bal = Balancing.of(net)
     net_b, t_b = bal.network(net), bal.multipliers(net, t)
-    if not (np.all(np.isfinite(t_b)) and all(np.all(np.isfinite(w)) for w in net_b.weights)):
+    if not (np.all(np.isfinite(t_b)) and all(all_finite(w) for w in net_b.weights)):
         return None
-    rho_star = schur_rho(net_b, t_b)
+    rho_star = reduced_schur_rho(net_b, t_b, eliminated)
     if rho_star is None:
         return None
-    return bal, net_b, t_b, rho_star
+    return bal, net_b, t_b, rho_star, eliminated
 
 
-def _equilibrated(bal: Balancing, net_b: Network, t_b: np.ndarray, rho_star: float):
+def _equilibrated(bal: Balancing, net_b: Network, t_b: np.ndarray, rho_star: float, eliminated: tuple[int, ...]):
     """The same, then F(rho*, T) itself equilibrated: every diagonal entry about 1 (exact powers of two)."""
     eq = Balancing.equilibrating(net_b, rho_star, t_b)
     t_eq = eq.multipliers(net_b, t_b)
     if not eq.is_identity() and np.array_equal(eq.original_multipliers(net_b, t_eq), t_b):
         bal, net_b, t_b = bal.then(eq), eq.network(net_b), t_eq
         rho_star = eq.balanced_rho(rho_star)
-    return bal, net_b, t_b, rho_star
+    return bal, net_b, t_b, rho_star, eliminated
 
 
 def _prove_at(
@@ -290,12 +308,13 @@ def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, 
         if cert is not None:
             return cert, ""
     try:
-        anchor = sequential_multipliers(net)
+        eliminated = plan(net)
+        anchor = reduced_multipliers(net, eliminated) if eliminated else sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):
         anchor = None
     if anchor is not None and t is not None and np.all(np.isfinite(t)):
         t = np.clip(np.asarray(t, dtype=np.float64).reshape(-1), 0.0, None)
-        theta = _best_mixing(net, t, anchor)
+        theta = _best_mixing(net, t, anchor, plan(net))
         # The smallest rho may leave a hidden block only just definite (at an optimum whose hidden blocks
         # are singular, e.g. the decoupled blocks of [-1, 1] slopes, rho cannot help): more of the strictly
         # feasible anchor buys the margin the rounding-error proof needs.
@@ -314,7 +333,7 @@ def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, 
     return cert, "solver multipliers unusable; fell back to the layer-by-layer multipliers"
 
 
-def _best_mixing(net: Network, t: np.ndarray, anchor: np.ndarray) -> float | None:
+def _best_mixing(net: Network, t: np.ndarray, anchor: np.ndarray, eliminated: tuple[int, ...]) -> float | None:
     """The theta in (0, 1] minimising rho*((1 - theta) t + theta anchor).
 
     rho* is convex in T and the anchor is strictly feasible, so rho* along the segment is convex where
@@ -323,7 +342,7 @@ def _best_mixing(net: Network, t: np.ndarray, anchor: np.ndarray) -> float | Non
 
     def rho_at(log_theta: float) -> float:
         theta = float(np.exp(log_theta))
-        value = schur_rho(net, (1.0 - theta) * t + theta * anchor)
+        value = reduced_schur_rho(net, (1.0 - theta) * t + theta * anchor, eliminated)
         return 1e300 if value is None else value  # finite, so the scalar search stays warning-free
 
     grid = np.linspace(np.log(1e-9), 0.0, 28)

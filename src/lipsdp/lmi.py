@@ -16,11 +16,13 @@ in O(sum n_k^3): any T >= 0 with R > 0 gives a bound with no SDP solver at all.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 
 from lipsdp.network import Network
 
@@ -196,21 +198,23 @@ def schur_rho(net: Network, t: np.ndarray) -> float | None:
     Returns None when R is not (numerically) positive definite, i.e. T certifies nothing. This is a
     floating-point estimate; `lipsdp.certificate` turns it into a proven bound.
     """
-    f = negated_lmi(net, 0.0, np.clip(t, 0.0, None))
-    s = f.diag[0]
-    if net.depth > 0:
-        d = f.diag[-1]
-        for k in range(net.depth, 0, -1):
-            try:
-                chol = sla.cho_factor(d, lower=True, check_finite=False)
-            except (np.linalg.LinAlgError, ValueError):
-                return None
-            u = f.upper[k - 1]  # block (k-1, k)
-            reduced = _gram_through(chol[0], u.T)
-            if k > 1:
-                d = f.diag[k - 1] - reduced
-            else:
-                s = s - reduced
+    return block_schur_rho(negated_lmi(net, 0.0, np.clip(t, 0.0, None)))
+
+
+def block_schur_rho(f: BlockTridiagonal) -> float | None:
+    """rho*: -lambda_min of the Schur complement of F(0) on its blocks 1.. (backward block recursion), or
+    None when those blocks are not (numerically) positive definite. F(rho) is F(0) + rho on block 0."""
+    s, reduced = f.diag[0], None
+    for k in range(len(f.diag) - 1, 0, -1):
+        d = f.diag[k] if reduced is None else f.diag[k] - reduced
+        try:
+            chol = sla.cho_factor(d, lower=True, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        reduced = gram_through(chol[0], f.upper[k - 1].T)  # U_{k-1} D_k^-1 U_{k-1}'
+        del chol, d
+        if k == 1:
+            s = s - reduced
     lam = sla.eigvalsh(0.5 * (s + s.T), subset_by_index=[0, 0], check_finite=False)[0]
     if not np.isfinite(lam):
         return None
@@ -229,40 +233,46 @@ def sequential_multipliers(net: Network) -> np.ndarray:
     x = np.eye(net.sizes[0])
     taus = []
     for k in range(net.depth):
-        w = net.weights[k]
-        a, b = net.alphas[k], net.betas[k]
-        d = a + b
-        ab = 2.0 * a * b
-        chol = sla.cho_factor(x, lower=True, check_finite=False)
-        k_mat = _gram_through(chol[0], (w * d[:, None]).T)  # D W X^-1 W' D
-        lam = top_eigenvalue(k_mat)
-        tau = 1.0 / lam if lam > 1e-300 else 1.0
-        cap = _tau_cap(chol, w, ab)
-        tau = min(tau, 0.5 * cap)
-        if np.any(ab != 0):
-            tau = _best_tau(x, w, d, ab, tau, cap)
-            x_next = _next_quadratic_form(x, w, d, ab, tau)
-        else:  # X_{k+1} = 2 tau I - tau^2 K: the K just formed (the same floats as forming it again)
-            x_next = add_to_diagonal(k_mat * -(tau * tau), 2.0 * tau)
-        del k_mat
-        taus.append(np.full(w.shape[0], tau))
-        x = 0.5 * (x_next + x_next.T)
-        del x_next
-    w = net.weights[-1]
+        tau, x = sequential_step(x, net.weights[k], net.alphas[k], net.betas[k])
+        taus.append(np.full(net.weights[k].shape[0], tau))
+    rho = final_rho(x, net.weights[-1])
+    return rho * np.concatenate(taus) if taus else np.zeros(0)
+
+
+def sequential_step(x: np.ndarray, w: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray]:
+    """One layer of `sequential_multipliers`: from X_k and the layer (W, slopes a, b), its tau and X_(k+1)."""
+    d = a + b
+    ab = 2.0 * a * b
+    chol = sla.cho_factor(x, lower=True, check_finite=False)
+    k_mat = gram_through(chol[0], (w * d[:, None]).T)  # D W X^-1 W' D
+    lam = top_eigenvalue(k_mat)
+    tau = 1.0 / lam if lam > 1e-300 else 1.0
+    cap = _tau_cap(chol, w, ab)
+    tau = min(tau, 0.5 * cap)
+    if np.any(ab != 0):
+        tau = _best_tau(x, w, d, ab, tau, cap)
+        x_next = _next_quadratic_form(x, w, d, ab, tau)
+    else:  # X_{k+1} = 2 tau I - tau^2 K: the K just formed (the same floats as forming it again)
+        x_next = add_to_diagonal(k_mat * -(tau * tau), 2.0 * tau)
+    del k_mat
+    return tau, 0.5 * (x_next + x_next.T)
+
+
+def final_rho(x: np.ndarray, w: np.ndarray) -> float:
+    """The end of `sequential_multipliers`: rho = lambda_max(W_l X_l^-1 W_l'), raised by a relative 1e-6."""
     chol = sla.cho_factor(x, lower=True, check_finite=False)
     if w.shape[0] > w.shape[1]:  # a wide output (a part ending in a convolution): the same nonzero spectrum
         half = sla.solve_triangular(chol[0], w.T, lower=True, check_finite=False)  # L^-1 W' with X = L L'
         final = half @ half.T
     else:
-        final = _gram_through(chol[0], w.T)
+        final = gram_through(chol[0], w.T)
     rho = top_eigenvalue(final)
     # A slightly larger rho keeps the hidden block strictly definite (it is singular at rho exactly when the
     # last layer is orthogonal to some direction, e.g. |x| = relu(x) + relu(-x)); certify recomputes rho.
-    rho = max(rho, 1e-300) * (1.0 + 1e-6)
-    return rho * np.concatenate(taus) if taus else np.zeros(0)
+    return max(rho, 1e-300) * (1.0 + 1e-6)
 
 
-def _gram_through(low: np.ndarray, b: np.ndarray) -> np.ndarray:
+def gram_through(low: np.ndarray, b: np.ndarray) -> np.ndarray:
     """B' (L L')^-1 B as H'H with H = L^-1 B: one triangular solve, not the two of a Cholesky solve."""
     h = sla.solve_triangular(low, b, lower=True, check_finite=False)
     return h.T @ h
@@ -333,16 +343,57 @@ def _best_tau(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau0:
     return best if negative_min_eig(float(res.x)) <= negative_min_eig(centre) else tau0
 
 
-def norm_estimate(w: np.ndarray, steps: int = 30) -> float:
+def _powers_of_four(exps, n: int) -> np.ndarray:
+    """4^e for an exponent or one per entry, as n floats (inf or 0 outside the float64 range)."""
+    return np.ldexp(np.ones(n), np.broadcast_to(2 * np.asarray(exps, dtype=np.int64), (n,)))
+
+
+def weighted_squares(w, p: np.ndarray, rows: bool) -> np.ndarray:
+    """sum_j w_ij^2 p_j per row (`rows`), else sum_i w_ij^2 p_i per column; dense (no w * w copy) or sparse."""
+    if sp.issparse(w):
+        sq = w.multiply(w)
+        return np.asarray(sq @ p if rows else sq.T @ p).reshape(-1)
+    return np.einsum("ij,ij,j->i", w, w, p) if rows else np.einsum("ij,ij,i->j", w, w, p)
+
+
+def all_finite(w) -> bool:
+    """Every stored entry of a dense or sparse matrix is finite."""
+    return bool(np.all(np.isfinite(w.data if sp.issparse(w) else w)))
+
+
+def _scaling_is_safe(w, low: int, high: int) -> bool:
+    """Scaling every entry of w by a power of two 2^s, low <= s <= high, is exact: no overflow, and for
+    s < 0 the smallest nonzero magnitude stays normal. Read in row chunks (no copy of w)."""
+    big, small = 0.0, np.inf
+    if sp.issparse(w):
+        w = w.data.reshape(1, -1)
+    step = max(1, (1 << 22) // max(w.shape[1], 1))
+    for i in range(0, w.shape[0], step):
+        a = np.abs(w[i : i + step])
+        big = max(big, float(a.max(initial=0.0)))
+        nonzero = a[a > 0]
+        if nonzero.size:
+            small = min(small, float(nonzero.min()))
+    if not np.isfinite(big) or (big > 0 and math.log2(big) + high >= 1023):
+        return False
+    return low >= 0 or small == np.inf or math.log2(small) + low >= -1021
+
+
+def norm_estimate(w: np.ndarray, steps: int = 30, scaling: tuple | None = None) -> float:
     """||w||_2 to a few per cent (power iteration from a fixed start): enough to choose a power of two,
-    and O(steps * size) instead of an SVD."""
+    and O(steps * size) instead of an SVD. `scaling` (column, row exponents): of diag(2^-row) w diag(2^col),
+    without forming it."""
+    if scaling is not None and min(w.shape) <= 64:
+        w = Balancing._scaled(w, *scaling)
+        scaling = None
     if min(w.shape) <= 64:
-        return float(np.linalg.norm(w, 2))
+        return float(np.linalg.norm(w.toarray() if sp.issparse(w) else w, 2))
+    cols, rows = scaling if scaling is not None else (0, 0)
     v = np.ones(w.shape[1]) / np.sqrt(w.shape[1]) + 1e-3 * np.cos(np.arange(w.shape[1]))
     norm = 0.0
     for _ in range(steps):
-        u = w @ v
-        v = w.T @ u
+        u = np.ldexp(w @ np.ldexp(v, cols), np.negative(rows))
+        v = np.ldexp(w.T @ np.ldexp(u, np.negative(rows)), cols)
         norm_v = float(np.linalg.norm(v))
         if not (norm_v > 0 and np.isfinite(norm_v)):
             return float(np.linalg.norm(w))
@@ -389,24 +440,26 @@ class Balancing:
             for sweep in range(sweeps):
                 order = range(net.depth) if sweep % 2 == 0 else range(net.depth - 1, -1, -1)
                 for k in order:
-                    w_in = cls._scaled(net.weights[k], exps[k - 1] if k else 0, exps[k])
-                    w_out = cls._scaled(net.weights[k + 1], exps[k], exps[k + 1] if k + 1 < net.depth else 0)
-                    rows = np.sqrt(np.einsum("ij,ij->i", w_in, w_in))
-                    cols = np.sqrt(np.einsum("ij,ij->j", w_out, w_out))
+                    # row norms of W_k and column norms of W_(k+1) as scaled, without a scaled copy
+                    col_in, row_out = exps[k - 1] if k else 0, exps[k + 1] if k + 1 < net.depth else 0
+                    w_in, w_out = net.weights[k], net.weights[k + 1]
+                    rows = np.sqrt(weighted_squares(w_in, _powers_of_four(col_in, w_in.shape[1]), rows=True))
+                    rows = np.ldexp(rows, -exps[k])
+                    cols = np.sqrt(weighted_squares(w_out, _powers_of_four(-np.asarray(row_out), w_out.shape[0]), rows=False))
+                    cols = np.ldexp(cols, exps[k])
                     ok = (rows > 0) & (cols > 0) & np.isfinite(rows) & np.isfinite(cols)
                     step = np.zeros(len(rows), dtype=np.int64)
                     step[ok] = np.round(0.5 * np.log2(rows[ok] / cols[ok])).astype(np.int64)
                     exps[k] = exps[k] + step
             bal = cls(0, tuple(exps), 0).exact_or_coarser(net)
         # per-layer scalars: spectral norm about 1 for every layer of the neuron-balanced net
-        scaled = bal.network(net)
         wanted = []
-        for w in scaled.weights:
-            norm = norm_estimate(w)
+        for k, w in enumerate(net.weights):
+            norm = norm_estimate(w, scaling=(bal._exps(k, net), bal._exps(k + 1, net)))
             wanted.append(-int(np.round(np.log2(norm))) if norm > 0 and np.isfinite(norm) else 0)
         # W^_k = W_k 2^(c_k - c_{k+1}) with block exponents c; c_{l+1} = 0 and c_k - c_{k+1} = wanted[k]
-        block = [0] * (len(scaled.weights) + 1)
-        for k in range(len(scaled.weights) - 1, -1, -1):
+        block = [0] * (len(net.weights) + 1)
+        for k in range(len(net.weights) - 1, -1, -1):
             block[k] = block[k + 1] + wanted[k]
         layered = Balancing(
             block[0], tuple(np.full(n, block[k + 1], dtype=np.int64) for k, n in enumerate(net.hidden_sizes)), 0
@@ -425,9 +478,9 @@ class Balancing:
         for k in range(net.depth + 1):
             w = net.weights[k]
             if k < net.depth:
-                sq = (2.0 * net.alphas[k] * net.betas[k] * ts[k]) @ (w * w)
+                sq = weighted_squares(w, 2.0 * net.alphas[k] * net.betas[k] * ts[k], rows=False)
             else:
-                sq = -np.einsum("ij,ij->j", w, w)
+                sq = -weighted_squares(w, np.ones(w.shape[0]), rows=False)
             diag.append(sq + (rho if k == 0 else 2.0 * ts[k - 1]))
 
         def exponent(x: np.ndarray) -> np.ndarray:
@@ -464,7 +517,15 @@ class Balancing:
     # -- application ----------------------------------------------------------------------------
     @staticmethod
     def _scaled(w: np.ndarray, col_exp, row_exp) -> np.ndarray:
-        """diag(2^-row_exp) w diag(2^col_exp); each exponent is a scalar or one per column / row."""
+        """diag(2^-row_exp) w diag(2^col_exp); each exponent is a scalar or one per column / row. A sparse
+        (CSR) w stays sparse: each stored entry is scaled the same way."""
+        if sp.issparse(w):
+            w = sp.csr_array(w, copy=True)
+            row_of = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+            cols = np.broadcast_to(np.asarray(col_exp, dtype=np.int64), (w.shape[1],))
+            rows = np.broadcast_to(np.asarray(row_exp, dtype=np.int64), (w.shape[0],))
+            w.data = np.ldexp(w.data, cols[w.indices] - rows[row_of])
+            return w
         cols = np.asarray(col_exp).reshape(1, -1) if np.ndim(col_exp) else np.asarray(col_exp)
         rows = np.asarray(row_exp).reshape(-1, 1) if np.ndim(row_exp) else np.asarray(row_exp)
         return np.ldexp(w, np.broadcast_to(cols - rows, w.shape))
@@ -481,10 +542,20 @@ class Balancing:
         return [self._scaled(w, self._exps(k, net), self._exps(k + 1, net)) for k, w in enumerate(net.weights)]
 
     def is_exact(self, net: Network) -> bool:
-        """True when every scaled weight is exactly 2^(...) times the original (no overflow, no rounding)."""
-        for k, (w, s) in enumerate(zip(net.weights, self._weights(net))):
-            back = self._scaled(s, -np.asarray(self._exps(k, net)), -np.asarray(self._exps(k + 1, net)))
-            if not (np.all(np.isfinite(s)) and np.array_equal(back, w)):
+        """True when every scaled weight is exactly 2^(...) times the original (no overflow, no rounding).
+
+        First a sufficient test on each weight's magnitude range (scaling by 2^s is exact unless it
+        overflows or, for s < 0, leaves the normal range); only where it fails, every entry scaled and back."""
+        for k, w in enumerate(net.weights):
+            cols, rows = np.asarray(self._exps(k, net)), np.asarray(self._exps(k + 1, net))
+            if w.size == 0 or _scaling_is_safe(w, int(cols.min() - rows.max()), int(cols.max() - rows.min())):
+                continue
+            s = self._scaled(w, cols, rows)
+            back = self._scaled(s, -cols, -rows)
+            if sp.issparse(w):
+                if not (all_finite(s) and np.array_equal(back.data, sp.csr_array(w).data)):
+                    return False
+            elif not (np.all(np.isfinite(s)) and np.array_equal(back, w)):
                 return False
         return True
 

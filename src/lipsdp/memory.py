@@ -28,14 +28,16 @@ DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-d
 
 
 def block_entries(net: Network) -> int:
-    """Entries of the LMI's dense blocks: sum n_k^2 + sum n_k n_(k+1) over the blocks x_0 .. x_l (with one
-    eliminated wide layer: the reduced matrix of order n_0 + n_2 and the weights' n_1 (n_0 + n_2))."""
-    from lipsdp import eliminate
+    """Entries of the LMI's dense blocks: sum n_k^2 + sum n_k n_(k+1) over the blocks x_0 .. x_l, skipping the
+    layers `lipsdp.reduced` eliminates (with one eliminated wide last layer: the reduced matrix of order
+    n_0 + n_2 and the weights' n_1 (n_0 + n_2))."""
+    from lipsdp import eliminate, reduced
 
     if eliminate.applies(net):
         n0, n1, n2 = net.sizes
         return (n0 + n2) ** 2 + n1 * (n0 + n2)
-    sizes = net.sizes[:-1]
+    gone = reduced.plan(net)  # wide layers eliminated: only the kept layers' blocks (`lipsdp.reduced`)
+    sizes = [n for k, n in enumerate(net.sizes[:-1]) if k not in gone]
     return sum(n * n for n in sizes) + sum(a * b for a, b in pairwise(sizes))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lipsdp import eliminate
+from lipsdp import eliminate, reduced
 from lipsdp.lmi import sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
@@ -22,7 +22,8 @@ def sequential(net: Network, **_: object) -> MethodOutput:
         t = eliminate.layer_multipliers(net)
         return _at_most_naive(net, verified_output(net, t, float("nan"), "ok", "numpy"))
     try:
-        t = sequential_multipliers(net)
+        eliminated = reduced.plan(net)  # wide convolution layers: kept implicit (`lipsdp.reduced`)
+        t = reduced.sequential_multipliers(net, eliminated) if eliminated else sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
         t = None
     # raw: the certificate's own rho*(T) (its Schur recursion, once: on CNNs it costs a minute)

@@ -1,0 +1,178 @@
+"""Wide hidden layers eliminated from the LMI of a chain (`lipsdp.reduced`): the reduced matrix against the
+dense Schur complement of the full LMI, the implicit sequential multipliers against the explicit ones, the
+proven bound against the full path and exact constants, and the elimination plan's rules."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import numpy as np
+import pytest
+from conftest import he_network
+from test_certificate import dense_m
+
+import lipsdp
+from lipsdp import Network, reduced
+from lipsdp.certificate import certify
+from lipsdp.lmi import schur_rho, sequential_multipliers
+from lipsdp.memory import block_entries
+
+# widths chosen so that min_width=1 eliminates layers 1 and 4 (each at least as wide as both neighbours)
+SIZES = [5, 12, 4, 6, 14, 3, 2]
+MIXED = ["relu", "relu", "leaky_relu:0.1", "relu", "relu"]
+
+
+def _offsets(net: Network) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(net.sizes[:-1])])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reduced_lmi_is_the_schur_complement_of_the_full_one(seed):
+    """F' over the kept layers equals -M(0, T)'s Schur complement on the eliminated blocks (written out from
+    the design formulas, independently of lipsdp.lmi), and rho*(T) is the full LMI's."""
+    net = he_network(SIZES, seed, MIXED)
+    gone = reduced.plan(net, min_width=1)
+    assert gone == (1, 4)
+    rng = np.random.default_rng(seed)
+    t = sequential_multipliers(net) * np.exp(rng.uniform(0.0, 0.5, net.n_neurons))
+    f = -dense_m(net, 0.0, t)
+    o = _offsets(net)
+    red = reduced.Reduction(net, gone)
+    keep = np.concatenate([np.arange(o[k], o[k + 1]) for k in red.kept])
+    drop = np.concatenate([np.arange(o[j], o[j + 1]) for j in gone])
+    schur = f[np.ix_(keep, keep)] - f[np.ix_(keep, drop)] @ np.linalg.solve(f[np.ix_(drop, drop)], f[np.ix_(drop, keep)])
+    formed, _ = red.forms(t)
+    assert np.max(np.abs(formed.dense() - schur)) <= 1e-12 * np.max(np.abs(schur))
+    full = schur_rho(net, t)
+    assert full is not None and red.rho(t) == pytest.approx(full, rel=1e-10)
+
+
+def test_absolute_row_sums_cover_the_absolute_formulas():
+    """The row sums that size the rounding margin bound those of |F'|_abs, the reduced formulas written out
+    densely on |W|, |t| and |a + b| (each term's magnitude, before any cancellation)."""
+    net = he_network(SIZES, 3, "relu")
+    gone = reduced.plan(net, min_width=1)
+    t = sequential_multipliers(net)
+    red = reduced.Reduction(net, gone)
+    _, sums = red.forms(t)
+    ws = [np.abs(w) for w in net.weights]
+    ts = [None] + np.split(t, np.cumsum(net.hidden_sizes)[:-1])
+    c = [None] + [np.abs(a + b) for a, b in zip(net.alphas, net.betas)]
+    kept, l = red.kept, net.depth
+    blocks = {}
+    for p in kept:
+        d = np.zeros((net.sizes[p], net.sizes[p]))
+        if p == l:
+            d += ws[l].T @ ws[l]
+        if p > 0:
+            d += np.diag(2.0 * ts[p])
+        if p + 1 in gone:
+            d += 0.5 * ws[p].T @ np.diag(c[p + 1] ** 2 * ts[p + 1]) @ ws[p]
+        if p - 1 in gone:
+            ct = np.diag(c[p] * ts[p])
+            d += 0.5 * ct @ ws[p - 1] @ np.diag(1.0 / ts[p - 1]) @ ws[p - 1].T @ ct
+        blocks[p, p] = d
+    for p, q in pairwise(kept):
+        ct = np.diag(c[q] * ts[q])
+        blocks[p, q] = ws[p].T @ ct if q == p + 1 else 0.5 * ws[p].T @ np.diag(c[p + 1]) @ ws[p + 1].T @ ct
+    rows = []
+    for i, p in enumerate(kept):
+        r = blocks[p, p].sum(axis=1)
+        if i + 1 < len(kept):
+            r = r + blocks[p, kept[i + 1]].sum(axis=1)
+        if i > 0:
+            r = r + blocks[kept[i - 1], p].sum(axis=0)
+        rows.append(r)
+    exact = np.concatenate(rows)
+    assert np.all(sums >= exact)
+    assert np.max(sums / exact) < 1.0 + 1e-12
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_implicit_sequential_multipliers_are_the_explicit_ones(seed):
+    """Woodbury on the implicit quadratic form of each eliminated layer gives the same tau per layer."""
+    net = he_network(SIZES, seed, MIXED, bias_scale=0.3)
+    gone = reduced.plan(net, min_width=1)
+    assert np.allclose(reduced.sequential_multipliers(net, gone), sequential_multipliers(net), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_proven_bound_equals_the_full_path_and_bounds_the_truth(seed, monkeypatch):
+    """With elimination on (MIN_WIDTH lowered) the proof is made on F' and gives the full path's bound; it
+    is above the exact constant of a nonnegative net (all neurons active on x >= 0: L = ||W_l ... W_0||)."""
+    rng = np.random.default_rng(seed)
+    weights = [rng.uniform(0.0, 1.0, (b, a)) / a for a, b in pairwise(SIZES)]
+    net = Network.from_arrays(weights, "relu")
+    exact = np.linalg.norm(np.linalg.multi_dot(weights[::-1]), 2)
+    t = sequential_multipliers(net)
+    full = certify(net, t)
+    monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
+    assert reduced.plan(net) == (1, 4)
+    cert = certify(net, t)
+    assert cert is not None and cert.upper == pytest.approx(full.upper, rel=1e-9)
+    assert exact <= cert.upper
+    res = lipsdp.estimate(net, method="sequential", lower=True)
+    assert any("neurons eliminated from the LMI (order 18)" in n for n in res.notes)
+    assert res.lower <= exact * (1 + 1e-12) <= res.upper
+    assert res.upper == pytest.approx(full.upper, rel=1e-6)
+
+
+def test_plan_rules():
+    """Only layers at least `min_width` wide and as wide as both neighbours, never two adjacent ones (the
+    widest wins), never the last hidden layer, and only between layers whose slopes have a b = 0."""
+    assert reduced.plan(he_network([4, 10, 9, 3, 2], 0), min_width=1) == (1,)  # 2 is adjacent to 1
+    assert reduced.plan(he_network([4, 8, 10, 3, 2], 0), min_width=1) == (2,)
+    assert reduced.plan(he_network([4, 10, 12, 2], 0), min_width=1) == ()  # 2 is the last hidden layer
+    assert reduced.plan(he_network([4, 10, 3, 2], 0), min_width=11) == ()
+    assert reduced.plan(he_network([4, 10, 3, 2], 0, ["relu", "leaky_relu:0.1"]), min_width=1) == ()
+    assert reduced.plan(he_network([4, 10, 3, 2], 0, ["tanh", "sigmoid"]), min_width=1) == (1,)  # a = 0 both
+
+
+def test_memory_estimate_counts_only_kept_blocks(monkeypatch):
+    net = he_network([4, 10, 3, 2], 0)
+    assert block_entries(net) == 16 + 100 + 9 + 40 + 30
+    monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
+    assert block_entries(net) == 16 + 9 + 12
+
+
+def test_zero_multipliers_use_the_full_lmi(monkeypatch):
+    """A zero multiplier on an eliminated layer (diag(t_j) singular) leaves the proof on the full LMI."""
+    net = he_network(SIZES, 6, "relu")
+    t = sequential_multipliers(net)
+    t[net.sizes[1] - 1] = 0.0  # the last neuron of eliminated layer 1
+    full = certify(net, t)
+    monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
+    assert reduced.usable(net, (1, 4), t) == ()
+    cert = certify(net, t)
+    assert (cert is None) == (full is None)
+    if cert is not None:
+        assert cert.upper == full.upper
+
+
+def test_sparse_weights_give_the_dense_proof(monkeypatch):
+    """With every mostly-zero weight handled as CSR (threshold lowered), the balancing, the reduced forms
+    and the proven bound are those of the dense weights (sums in another order: equal to rounding)."""
+    rng = np.random.default_rng(7)
+    weights = [w * (rng.uniform(size=w.shape) < 0.2) for w in he_network(SIZES, 7, "relu").weights]
+    net = Network.from_arrays(weights, "relu")
+    t = sequential_multipliers(net)
+    monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
+    dense = certify(net, t)
+    monkeypatch.setattr(reduced, "SPARSE_MIN_ENTRIES", 0)
+    sparse_net = reduced.sparse_weights(net)
+    for w, w_s in zip(net.weights, sparse_net.weights):
+        assert reduced.sp.issparse(w_s) == (np.count_nonzero(w) <= 0.25 * w.size)
+    assert sum(reduced.sp.issparse(w) for w in sparse_net.weights) >= 3
+    from lipsdp.lmi import Balancing
+
+    bal_d, bal_s = Balancing.of(net), Balancing.of(sparse_net)
+    assert bal_d.input_exp == bal_s.input_exp
+    assert all(np.array_equal(a, b) for a, b in zip(bal_d.hidden_exps, bal_s.hidden_exps))
+    for w_d, w_s in zip(bal_d.network(net).weights, bal_s.network(sparse_net).weights):
+        assert np.array_equal(w_d, reduced._dense(w_s))  # powers of two: exact either way
+    f_d, s_d = reduced.Reduction(net, (1, 4)).forms(t)
+    f_s, s_s = reduced.Reduction(sparse_net, (1, 4)).forms(t)
+    assert np.allclose(f_d.dense(), f_s.dense(), rtol=0, atol=1e-13 * np.abs(f_d.dense()).max())
+    assert np.allclose(s_d, s_s, rtol=1e-13)
+    cert = certify(net, t)
+    assert cert is not None and cert.upper == pytest.approx(dense.upper, rel=1e-12)
