@@ -176,3 +176,27 @@ def test_sparse_weights_give_the_dense_proof(monkeypatch):
     assert np.allclose(s_d, s_s, rtol=1e-13)
     cert = certify(net, t)
     assert cert is not None and cert.upper == pytest.approx(dense.upper, rel=1e-12)
+
+
+def test_term_count_covers_every_entry_of_a_sparse_net():
+    """`Reduction.inner` (the rounding terms per entry) is at least the number of nonzero products in any
+    entry of F', counted by brute force on the nonzero patterns, and below the dense widths."""
+    rng = np.random.default_rng(8)
+    weights = [w * (rng.uniform(size=w.shape) < 0.3) for w in he_network([6, 30, 5, 7, 40, 4, 3], 8).weights]
+    net = Network.from_arrays(weights, "relu")
+    gone = reduced.plan(net, min_width=1)
+    assert gone == (1, 4)
+    red = reduced.Reduction(net, gone)
+    nz = [(w != 0).astype(int) for w in weights]
+    worst = 0
+    for p in red.kept:
+        count = nz[p].T @ nz[p]  # its own product (W_l'W_l for the last block)
+        if p + 1 in gone:
+            count = count + nz[p].T @ nz[p]
+        if p - 1 in gone:
+            count = count + nz[p - 1] @ nz[p - 1].T
+        worst = max(worst, int(count.max()) + 1)
+    for j in gone:
+        worst = max(worst, int((nz[j - 1].T @ nz[j].T).max()))
+    assert worst <= red.inner - 8
+    assert red.inner < 30 + 40

@@ -181,6 +181,7 @@ def prove_forms_positive_definite(
         slack = max(abs(x - shift) for x in (float(diag_f.max()), float(diag_f.min())))
         proven = shift - UNIT_ROUNDOFF * slack - g_chol * norm - e
         proven *= 1.0 - 1e-9  # cover the rounding of this very expression
+        log.debug("rho %.17g: forming %.3g, factor %.3g, shift %.3g, proven %.3g", rho, e, g_chol * norm, shift, proven)
         if proven > 0:
             return proven
         shift = 2.0 * (fixed + g_chol * norm)

@@ -22,9 +22,11 @@ Here both layer j's and layer q's slopes must have a b = 0 (ReLU: a = 0): then F
 W_p' diag(2 a b t)_j W_p is zero, and `sequential_multipliers` can keep X_j implicit (below).
 
 Rounding (for `certificate.prove_forms_positive_definite`): each entry of F' is a sum of at most
-`Reduction.inner` products of at most six stored or once-rounded floats (w, 1/t, c t, ...), in any
-order, so |fl(F') - F'| <= g_inner |F'|_abs entrywise (Higham (3.13)), |F'|_abs being the same formulas on
-absolute values. Its row sums are computed as products of |W| with non-negative vectors (never forming
+`Reduction.inner` nonzero products of at most six stored or once-rounded floats (w, 1/t, c t, ...), in
+any order, so |fl(F') - F'| <= g_inner |F'|_abs entrywise (Higham (3.13)), |F'|_abs being the same
+formulas on absolute values. Only nonzero terms count: 0 y = 0 and s + 0 = s are exact, so in any
+summation tree a nonzero term meets at most k - 1 rounded additions for k nonzero terms; an unrolled
+convolution's products have a few hundred per entry where the layers have tens of thousands of neurons. Its row sums are computed as products of |W| with non-negative vectors (never forming
 |F'|_abs); each computed sum of non-negative terms is within a factor (1 - g_m) of its exact value, m <=
 the sum of all widths, which the factor (1 + 2 g_m) applied here covers.
 """
@@ -115,6 +117,21 @@ def _chain(w_out, s: np.ndarray, w_in) -> np.ndarray:
     return (w_out * s[None, :]) @ w_in
 
 
+def _most_per_row(w) -> int:
+    """The most nonzero entries in one row of w."""
+    if sp.issparse(w):
+        return int(np.diff(sp.csr_array(w).indptr).max(initial=0))
+    return int(np.count_nonzero(w, axis=1).max(initial=0))
+
+
+def _most_per_column(w) -> int:
+    """The most nonzero entries in one column of w."""
+    if sp.issparse(w):
+        w = sp.csr_array(w)
+        return int(np.bincount(w.indices, minlength=w.shape[1]).max(initial=0))
+    return int(np.count_nonzero(w, axis=0).max(initial=0))
+
+
 class Reduction:
     """The kept blocks of F' for one network and elimination plan (the weights prepared once)."""
 
@@ -124,10 +141,16 @@ class Reduction:
         self.ws = [_operand(w) for w in net.weights]
         self.abs_ws = [abs(w) for w in self.ws]
         sizes, gone = net.sizes, set(self.eliminated)
-        # terms of one entry of F'_pp: its own product (n_(p+1), or the output width for p = l), the
-        # eliminated neighbours' widths and the diagonal; of F'_pq: n_j. Six roundings per term at most.
-        counts = [sizes[p + 1] * (2 if p + 1 in gone else 1) + (sizes[p - 1] if p - 1 in gone else 0) + 1 for p in self.kept]
-        self.inner = max(counts + [sizes[j] for j in self.eliminated]) + 8
+        # nonzero terms of one entry of F'_pp: its own product W_p'(.)W_p (W_l'W_l for p = l), the
+        # eliminated neighbours' products and the diagonal; of F'_pq: one product. Six roundings per term
+        # at most; a zero term adds no rounding (0 y and s + 0 are exact), so only nonzero ones count.
+        col = [_most_per_column(w) for w in self.ws]
+        row = [_most_per_row(w) for w in self.ws]
+        counts = [
+            col[p] * (2 if p + 1 in gone else 1) + (row[p - 1] if p - 1 in gone else 0) + 1 for p in self.kept
+        ]
+        counts += [min(col[j - 1], row[j]) for j in self.eliminated]
+        self.inner = max(counts) + 8
         self.total_width = int(sum(sizes)) + 8
 
     def forms(self, t: np.ndarray) -> tuple[BlockTridiagonal, np.ndarray]:

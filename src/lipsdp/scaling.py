@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lipsdp import reduced
 from lipsdp.errors import LipSDPError, VerificationError
 from lipsdp.network import Network
 
@@ -99,7 +100,7 @@ def layer_exponents(net: Network) -> list[int]:
     """e_k with 2**e_k * max|W_k| in [0.5, 1); 0 for an all-zero layer."""
     out = []
     for w in net.weights:
-        m = float(np.max(np.abs(w)))
+        m = max(float(np.max(w, initial=0.0)), -float(np.min(w, initial=0.0)))  # no |W| copy
         out.append(0 if m == 0.0 else -math.frexp(m)[1])
     return out
 
@@ -115,8 +116,11 @@ def rescale(net: Network, exponents: list[int] | None = None) -> Rescaled:
     exps = list(layer_exponents(net) if exponents is None else exponents)
     weights = []
     for k, w in enumerate(net.weights):
+        if not exps[k]:  # unscaled: the same array (a CNN's unrolled layers are GBs)
+            weights.append(w)
+            continue
         scaled = np.ldexp(w, exps[k])
-        if exps[k] and not (np.all(np.isfinite(scaled)) and np.array_equal(np.ldexp(scaled, -exps[k]), w)):
+        if not (np.all(np.isfinite(scaled)) and np.array_equal(np.ldexp(scaled, -exps[k]), w)):
             exps[k], scaled = 0, w
         weights.append(scaled)
     prefix = np.cumsum(exps)
@@ -253,7 +257,12 @@ def bound_rescaled(method_fn: Callable[..., Any], net: Network, method: str, opt
         out = bound_rescaled(method_fn, net, method, options)
         proof = out.proof.after(*steps) if out.proof is not None else None
         return replace(out, multipliers=None, notes=list(out.notes) + notes, proof=proof)
-    scaled = rescale(net)
+    exponents = layer_exponents(net)
+    if max(map(abs, exponents), default=0) < NOTE_EXPONENT and reduced.plan(net):
+        # wide CNN layers (eliminated from the LMI) already within 2^8 of unit scale: the certificate
+        # balances the LMI anyway, and a rescaled copy of their unrolled weights would cost GBs
+        return method_fn(net, **options)
+    scaled = rescale(net, exponents)
     if not any(scaled.exponents):
         return method_fn(net, **options)
     out = method_fn(scaled.network, **options)
