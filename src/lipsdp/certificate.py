@@ -6,18 +6,23 @@ definite in floating point, so that L <= sqrt(rho') holds for the network's stor
 
 The proof (`prove_positive_definite`) combines two published error bounds, u = 2^-53, g_k = k u / (1 - k u):
 
-1. Forming F: every entry is an inner product of length m (plus a few scalar products), so
+1. Forming F: every entry is an inner product of m terms (plus a few scalar products), so
    |fl(F) - F| <= g_{m+6} |F|_abs entrywise, |F|_abs being the same formulas on absolute values
    (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.13), valid for any
-   summation order). Its 2-norm is at most its largest row sum: e = g/(1-g) * max_i sum_j |F|_abs,ij.
+   summation order), m counting nonzero terms only: 0 y = 0 and s + 0 = s are exact, so in any summation
+   tree a nonzero term meets at most m - 1 rounded additions (an unrolled convolution's columns have a
+   few hundred nonzeros where its layers have thousands of neurons). Its 2-norm is at most its largest
+   row sum: e = g/(1-g) * max_i sum_j |F|_abs,ij.
 2. Cholesky: if floating-point Cholesky of a symmetric A completes, the computed factor satisfies
    L L' = A + dA with |dA| <= g_{k+1} |L||L|' entrywise, k the number of nonzero terms of the entry's inner
    product (Higham, Thm 10.3; Rump, *Verification of positive definiteness*, BIT 46, 2006, Thm 2.3/Cor
    2.4, who notes that it holds for any evaluation order, blocked algorithms included, and zero terms
    that are never formed add no rounding). A is block tridiagonal and its factor block lower bidiagonal,
    so k <= w = max_k (n_{k-1} + n_k), two neighbouring blocks, not the whole order n. Then
-   lambda_min(A) >= -||dA||_2 >= -g ||(|L|)||_2^2 >= -g ||L||_1 ||L||_inf (Hoelder), the largest column
-   and row sums of |L|, computed from the factor itself; we use g_{2w+2} for extra room.
+   lambda_min(A) >= -||dA||_2 >= -g ||(|L|)||_2^2, bounded from the factor itself by Collatz-Wielandt
+   (max_i (|L||L|'x)_i / x_i for a positive x near the Perron vector) or Hoelder (||L||_1 ||L||_inf, the
+   largest column and row sums of |L|), whichever is smaller (`factor_norm_bound`); we use g_{2w+2} for
+   extra room.
 With wide hidden layers eliminated (`lipsdp.reduced`: their diagonal blocks are diagonal), the same proof
 runs on the Schur complement F' over the other layers, which is positive definite iff F is; its forming
 error is stated there.
@@ -44,7 +49,7 @@ from lipsdp.lmi import (
     sequential_multipliers,
 )
 from lipsdp.network import Network
-from lipsdp.reduced import Reduction, dense_weights, plan, sparse_weights, usable
+from lipsdp.reduced import Reduction, dense_weights, most_per_column, plan, sparse_weights, usable
 from lipsdp.reduced import schur_rho as reduced_schur_rho
 from lipsdp.reduced import sequential_multipliers as reduced_multipliers
 
@@ -57,6 +62,7 @@ RHO_INFLATIONS = (1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 5e-2)
 # at 1e-12 and 1e-10 the rounding margin of a CNN's LMI outgrows lambda_min(F) (cifar_base_kw sequential:
 # 13 factorisations of order 6244 before, 2 after; the bound moves by at most 5e-9 relative)
 LARGE_LMI_ORDER = 5000
+LARGE_FIRST_INFLATION = 1e-4  # there, the given T is tried up to this inflation before the other recipes
 
 
 def gamma(k: int) -> float:
@@ -72,10 +78,15 @@ def _row_sums(f: BlockTridiagonal) -> np.ndarray:
     return np.concatenate(sums)
 
 
-def factor_norm_bound(chol: BlockCholesky) -> float:
-    """An upper bound on ||L||_1 ||L||_inf >= ||(|L|)||_2^2 for the computed factor L (its largest column
-    and row sums of absolute values). Each sum has at most w non-negative terms (w: two neighbouring blocks),
-    so its computed value is within a factor (1 - g_w) of the exact one; 4 g_w covers both and the product."""
+def factor_norm_bound(chol: BlockCholesky, steps: int = 4) -> float:
+    """An upper bound on || |L| |L|' ||_2 = || |L| ||_2^2 for the computed factor L.
+
+    Two bounds, the smaller returned: Hoelder's ||L||_1 ||L||_inf (the largest column and row sums of |L|),
+    and Collatz-Wielandt's max_i (M x)_i / x_i for the nonnegative M = |L||L|' and any x > 0, which is at
+    least M's largest eigenvalue (its 2-norm); x from `steps` power steps on M from the ones vector, so it
+    is close to || |L| ||_2^2 where Hoelder can be off by the order of the matrix. Each computed sum has at
+    most 2w non-negative terms (w: two neighbouring blocks), so it is within a factor (1 - g_2w) of the
+    exact one; 4 g_2w covers both, the division and the products."""
     rows, cols = [], [np.abs(d).sum(axis=0) for d in chol.lowers]
     for k, d in enumerate(chol.lowers):
         r = np.abs(d).sum(axis=1)
@@ -85,7 +96,38 @@ def factor_norm_bound(chol: BlockCholesky) -> float:
             cols[k - 1] = cols[k - 1] + sub.sum(axis=0)
         rows.append(r)
     width = max(_neighbour_width([d.shape[0] for d in chol.lowers]), 1)
-    return float(max(r.max() for r in rows)) * float(max(c.max() for c in cols)) * (1.0 + 4.0 * gamma(width))
+    margin = 1.0 + 4.0 * gamma(2 * width + 2)
+    hoelder = float(max(r.max() for r in rows)) * float(max(c.max() for c in cols)) * margin
+    x = np.ones(int(chol.offs[-1]))
+    ratio = np.inf
+    for _ in range(steps + 1):
+        y = _abs_factor_product(chol, x)
+        if not np.all(np.isfinite(y)):
+            return hoelder
+        ratio = float(np.max(y / x))
+        top = float(y.max())
+        if not top > 0:
+            return hoelder if not ratio >= 0 else min(hoelder, ratio * margin)
+        x = np.maximum(y / top, 1e-8)  # stays > 0: the bound holds for any positive x
+    return min(hoelder, ratio * margin)
+
+
+def _abs_factor_product(chol: BlockCholesky, x: np.ndarray) -> np.ndarray:
+    """|L| (|L|' x) for the block lower-bidiagonal factor, one block's |.| at a time."""
+    o, n_blocks = chol.offs, len(chol.lowers)
+    z = np.empty_like(x)
+    for k, d in enumerate(chol.lowers):  # z = |L|' x: block k gets |D_k|' x_k + |S_k|' x_(k+1)
+        zk = np.abs(d).T @ x[o[k] : o[k + 1]]
+        if k + 1 < n_blocks:
+            zk = zk + np.abs(chol.subs[k]).T @ x[o[k + 1] : o[k + 2]]
+        z[o[k] : o[k + 1]] = zk
+    y = np.empty_like(x)
+    for k, d in enumerate(chol.lowers):  # y = |L| z: block k gets |D_k| z_k + |S_(k-1)| z_(k-1)
+        yk = np.abs(d) @ z[o[k] : o[k + 1]]
+        if k:
+            yk = yk + np.abs(chol.subs[k - 1]) @ z[o[k - 1] : o[k]]
+        y[o[k] : o[k + 1]] = yk
+    return y
 
 
 def _neighbour_width(sizes: list[int]) -> int:
@@ -118,7 +160,8 @@ def lmi_forms(net: Network, t: np.ndarray, eliminated: tuple[int, ...] = ()) -> 
         red = Reduction(net, eliminated)
         return LmiForms(*red.forms(t), inner=red.inner)
     net = dense_weights(net)
-    return LmiForms(negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True)))
+    inner = max([most_per_column(w) for w in net.weights] + [1]) + 6  # nonzero terms of F_kk's product, + 6
+    return LmiForms(negated_lmi(net, 0.0, t), _row_sums(negated_lmi(net, 0.0, t, absolute=True)), inner=inner)
 
 
 def _with_rho(f0: BlockTridiagonal, rho: float) -> BlockTridiagonal:
@@ -172,6 +215,7 @@ def prove_forms_positive_definite(
             return None  # success needs lambda_min(F) above about shift / 2
         chol = f.cholesky(shift)
         if chol is None:
+            log.debug("rho %.17g: the factorisation at shift %.3g broke down", rho, shift)
             return None
         norm = factor_norm_bound(chol)
         del chol  # only its norm is needed: never two factors alive at once (a deep net's is GBs)
@@ -225,22 +269,36 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     if eliminated:  # the proof's copies of the weights (balanced, equilibrated) are sparse: CNN-sized
         net = sparse_weights(net)
     order = sum(n for k, n in enumerate(net.sizes[:-1]) if k not in eliminated)
-    inflations = RHO_INFLATIONS if order < LARGE_LMI_ORDER else RHO_INFLATIONS[2:]
-    for inflation in inflations:
-        for k, (t_k, equilibrate) in enumerate(recipes):
-            if k > 0 and inflation == inflations[0]:
-                break  # the others only once the given T has failed at the smallest rho
-            if k not in prepared:
-                if k // 2 not in balanced:
-                    balanced[k // 2] = _balanced(net, t_k, usable(net, eliminated, t_k) if eliminated else ())
-                base = balanced[k // 2]
-                prepared[k] = _equilibrated(*base) if equilibrate and base is not None else base
-            if prepared[k] is not None:
-                if k not in forms:
-                    forms[k] = lmi_forms(prepared[k][1], prepared[k][2], prepared[k][4])
-                cert = _prove_at(net, *prepared[k][:4], inflation, forms[k])
-                if cert is not None:
-                    return cert
+    large = order >= LARGE_LMI_ORDER
+    inflations = RHO_INFLATIONS[2:] if large else RHO_INFLATIONS
+    # (inflation, recipe) in the order tried: the given T alone at the smallest rho, then every recipe at each
+    # larger one. On a large LMI the given T first up to 1e-4 (the bound within 5e-5 of sqrt(rho*)): each
+    # other recipe costs minutes and GBs of formed blocks there, and on CNNs a failure means that
+    # lambda_min(F) grows slowly with rho, which the other recipes do not change (the cifar10_2_255-shaped
+    # net is proved at 1e-5 with the given T, after failing at 1e-8 and 1e-6).
+    schedule = [(inflations[0], 0)] + [(x, k) for x in inflations[1:] for k in range(len(recipes))]
+    if large:
+        first = [(x, 0) for x in inflations if x <= LARGE_FIRST_INFLATION]
+        schedule = first + [step for step in schedule if step not in first]
+    last = {k: i for i, (_, k) in enumerate(schedule)}
+    for i, (inflation, k) in enumerate(schedule):
+        t_k, equilibrate = recipes[k]
+        if k not in prepared:
+            if k // 2 not in balanced:
+                balanced[k // 2] = _balanced(net, t_k, usable(net, eliminated, t_k) if eliminated else ())
+            base = balanced[k // 2]
+            prepared[k] = _equilibrated(*base) if equilibrate and base is not None else base
+        if prepared[k] is not None:
+            if k not in forms:
+                forms[k] = lmi_forms(prepared[k][1], prepared[k][2], prepared[k][4])
+            cert = _prove_at(net, *prepared[k][:4], inflation, forms[k])
+            if cert is not None:
+                return cert
+        if i == last[k]:  # this recipe is done: its formed LMI and copies go (one alive at a time when large)
+            forms.pop(k, None)
+            prepared.pop(k, None)
+            if k % 2:
+                balanced.pop(k // 2, None)
     log.debug("certificate failed at every inflation")
     return None
 

@@ -117,14 +117,14 @@ def _chain(w_out, s: np.ndarray, w_in) -> np.ndarray:
     return (w_out * s[None, :]) @ w_in
 
 
-def _most_per_row(w) -> int:
+def most_per_row(w) -> int:
     """The most nonzero entries in one row of w."""
     if sp.issparse(w):
         return int(np.diff(sp.csr_array(w).indptr).max(initial=0))
     return int(np.count_nonzero(w, axis=1).max(initial=0))
 
 
-def _most_per_column(w) -> int:
+def most_per_column(w) -> int:
     """The most nonzero entries in one column of w."""
     if sp.issparse(w):
         w = sp.csr_array(w)
@@ -144,8 +144,8 @@ class Reduction:
         # nonzero terms of one entry of F'_pp: its own product W_p'(.)W_p (W_l'W_l for p = l), the
         # eliminated neighbours' products and the diagonal; of F'_pq: one product. Six roundings per term
         # at most; a zero term adds no rounding (0 y and s + 0 are exact), so only nonzero ones count.
-        col = [_most_per_column(w) for w in self.ws]
-        row = [_most_per_row(w) for w in self.ws]
+        col = [most_per_column(w) for w in self.ws]
+        row = [most_per_row(w) for w in self.ws]
         counts = [
             col[p] * (2 if p + 1 in gone else 1) + (row[p - 1] if p - 1 in gone else 0) + 1 for p in self.kept
         ]
