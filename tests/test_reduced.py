@@ -133,6 +133,7 @@ def test_memory_estimate_counts_only_kept_blocks(monkeypatch):
     assert block_entries(net) == 16 + 100 + 9 + 40 + 30
     monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
     assert block_entries(net) == 16 + 9 + 12
+    assert block_entries(net, reduces=False) == 16 + 100 + 9 + 40 + 30  # the methods on the full LMI
 
 
 def test_zero_multipliers_use_the_full_lmi(monkeypatch):

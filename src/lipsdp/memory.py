@@ -12,7 +12,8 @@ available would be killed by the kernel mid-solve (a ConvBig-sized layer of 3276
 GB); it gets a `LipSDPError` naming the widest layer and what to use instead. The memory available is
 what the system reports (Linux MemAvailable), or `LIPSDP_MEMORY_GIB` when set (to allow more, with swap,
 or less). A network whose one wide hidden layer is eliminated
-(`lipsdp.eliminate`) never forms that layer's blocks and is estimated without it.
+(`lipsdp.eliminate`), or whose wide ReLU layers are (`lipsdp.reduced`), never forms those layers' blocks
+and is estimated without them.
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ PEAK_FACTOR = 8.5  # peak bytes / (8 bytes x entries of the dense blocks), above
 DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-dense"})
 
 
-def block_entries(net: Network) -> int:
+def block_entries(net: Network, reduces: bool = True) -> int:
     """Entries of the LMI's dense blocks: sum n_k^2 + sum n_k n_(k+1) over the blocks x_0 .. x_l, skipping the
-    layers `lipsdp.reduced` eliminates (with one eliminated wide last layer: the reduced matrix of order
-    n_0 + n_2 and the weights' n_1 (n_0 + n_2))."""
+    layers `lipsdp.reduced` eliminates when `reduces` (with one eliminated wide last layer: the reduced
+    matrix of order n_0 + n_2 and the weights' n_1 (n_0 + n_2))."""
     from lipsdp import eliminate, reduced
 
     if eliminate.applies(net):
         n0, n1, n2 = net.sizes
         return (n0 + n2) ** 2 + n1 * (n0 + n2)
-    gone = reduced.plan(net)  # wide layers eliminated: only the kept layers' blocks (`lipsdp.reduced`)
+    gone = reduced.plan(net) if reduces else ()  # wide layers eliminated: only the kept layers' blocks (`lipsdp.reduced`)
     sizes = [n for k, n in enumerate(net.sizes[:-1]) if k not in gone]
     return sum(n * n for n in sizes) + sum(a * b for a, b in pairwise(sizes))
 
@@ -67,7 +68,8 @@ def check_fits(net: Network, method: str) -> None:
     available = available_bytes()
     if available is None:
         return
-    need = PEAK_FACTOR * 8.0 * block_entries(net)
+    # only `sequential` runs on the reduced LMI; the other methods optimise the full one
+    need = PEAK_FACTOR * 8.0 * block_entries(net, reduces=str(method).strip().lower() == "sequential")
     if need <= available:
         return
     widest = max(range(len(net.sizes) - 1), key=lambda k: net.sizes[k])

@@ -16,7 +16,9 @@ def sequential(net: Network, **_: object) -> MethodOutput:
     Looser than LipSDP-Neuron, never looser than the naive product; cost O(sum n_k^3). With slopes
     [-1, 1] (|.|, the norm-preserving layers) its layers decouple and the greedy multipliers reach the
     naive product only up to the margins that keep every block strictly definite: there the naive
-    product is also certified and the smaller bound returned.
+    product is also certified and the smaller bound returned. Wide ReLU layers (a CNN's first
+    convolutions) are eliminated from the LMI (`lipsdp.reduced`): the same multipliers and proof, with no
+    block of those layers ever formed.
     """
     if eliminate.applies(net):  # one very wide hidden layer: the best single multiplier, on the reduced LMI
         t = eliminate.layer_multipliers(net)
