@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import he_network
 from typer.testing import CliRunner
 
 import lipsdp
@@ -441,3 +442,16 @@ def test_cli_estimate_certificate_then_verify(tmp_path):
     assert wrong.exit_code == 1 and "hash mismatch" in wrong.output
     missing = runner.invoke(app, ["verify", str(tmp_path / "none.json"), models[0]])
     assert missing.exit_code == 2 and "not found" in missing.output
+
+
+def test_a_network_too_large_for_the_ball_arithmetic_is_refused_clearly(tmp_path, monkeypatch):
+    """Where the network's weights and LMI blocks as balls exceed the memory available, verify stops with
+    one LipSDPError naming the size (never a process killed mid-check); with enough memory it proves."""
+    net = he_network([5, 8, 3], 0)
+    model = save_npz(tmp_path / "net.npz", net)
+    _, cert = certify_file(tmp_path, model, "sequential")
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "1e-6")
+    with pytest.raises(lipsdp.LipSDPError, match=r"too large for lipsdp verify's ball arithmetic: .* entries"):
+        verify(cert, model)
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", "1")
+    assert verify(cert, model).accepted

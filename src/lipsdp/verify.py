@@ -72,12 +72,13 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lipsdp.errors import CertificateError
+from lipsdp.errors import CertificateError, LipSDPError
 from lipsdp.io import load_network
 from lipsdp.proof import CertificateFile, Proof, Step, network_sha256, parse_certificate
 
@@ -932,6 +933,32 @@ def read_certificate(path: str | Path) -> CertificateFile:
         raise CertificateError(f"{path} is not a valid lipsdp certificate: {exc}") from None
 
 
+# Bytes per ball-arithmetic entry the checker holds: one arb (48 bytes) and its products' temporaries.
+ARB_ENTRY_BYTES = 192
+
+
+def _check_size(net: Any) -> None:
+    """Refuse up front (one LipSDPError, never a process killed mid-check) a network whose weights and LMI
+    blocks, as balls, would not fit in the memory available (`lipsdp.memory.available_bytes`)."""
+    from lipsdp.memory import available_bytes
+
+    state = [net.weights[0].shape[1]] + [w.shape[0] for w in net.weights[:-1]]
+    if len(state) == 2 and state[1] >= 4 * (state[0] + net.weights[-1].shape[0]):  # one layer eliminated
+        n = state[0] + net.weights[-1].shape[0]
+        blocks = n * n
+    else:
+        blocks = sum(n * n for n in state) + sum(a * b for a, b in pairwise(state))
+    entries = blocks + sum(int(w.size) for w in net.weights)
+    available = available_bytes()
+    if available is not None and entries * ARB_ENTRY_BYTES > available:
+        raise LipSDPError(
+            f"this network is too large for lipsdp verify's ball arithmetic: its weights and LMI blocks hold "
+            f"{entries:.3g} entries, about {entries * ARB_ENTRY_BYTES / 2**30:.3g} GiB as balls, more than the "
+            f"{available / 2**30:.3g} GiB available (LIPSDP_MEMORY_GIB overrides it); the bound itself was "
+            "proved in float64 when it was made (lipsdp.certificate)"
+        )
+
+
 def verify(cert: str | Path, model: Any, *, prec: int = DEFAULT_PREC, **loader_options: Any) -> Verification:
     """Re-prove the certificate's bound for `model` (a file path or anything `lipsdp.load_network` takes)
     independently of the code that produced it; see the module docstring for what is proved and how.
@@ -953,6 +980,8 @@ def verify(cert: str | Path, model: Any, *, prec: int = DEFAULT_PREC, **loader_o
     if data.local != proof.local or data.pair != proof.pair:
         return verdict(False, f"the claim section (local={data.local}, pair={data.pair}) does not match what the "
                        f"proof bounds (local={proof.local}, pair={proof.pair})")
+    if proof.kind != "compose":  # (a composition is checked part by part)
+        _check_size(net)
     sha = network_sha256(net)
     if sha != data.sha256:
         return verdict(False, f"hash mismatch: the model's sha256 is {sha[:16]}..., the certificate is for "
