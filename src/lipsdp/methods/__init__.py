@@ -43,7 +43,7 @@ def verified_output(
     from lipsdp import eliminate
     from lipsdp.certificate import certify_or_repair
     from lipsdp.errors import VerificationError
-    from lipsdp.reduced import plan
+    from lipsdp.reduced import plan, usable
 
     notes = list(notes or [])
     try:
@@ -54,7 +54,7 @@ def verified_output(
             note = f"hidden layer of {net.sizes[1]} eliminated from the LMI (order {net.sizes[0] + net.sizes[2]})"
         else:
             cert, note = certify_or_repair(net, multipliers)
-            gone = plan(net)
+            gone = usable(net, plan(net), cert.multipliers)  # as `certificate.certify` chose
             if gone:
                 kept = sum(n for k, n in enumerate(net.sizes[:-1]) if k not in gone)
                 widths = ", ".join(str(net.sizes[j]) for j in gone)
