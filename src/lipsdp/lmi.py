@@ -245,16 +245,23 @@ def sequential_step(x: np.ndarray, w: np.ndarray, a: np.ndarray, b: np.ndarray) 
     ab = 2.0 * a * b
     chol = sla.cho_factor(x, lower=True, check_finite=False)
     k_mat = gram_through(chol[0], (w * d[:, None]).T)  # D W X^-1 W' D
+    if not np.any(ab != 0):
+        return relu_step(k_mat)
     lam = top_eigenvalue(k_mat)
+    del k_mat
     tau = 1.0 / lam if lam > 1e-300 else 1.0
     cap = _tau_cap(chol, w, ab)
-    tau = min(tau, 0.5 * cap)
-    if np.any(ab != 0):
-        tau = _best_tau(x, w, d, ab, tau, cap)
-        x_next = _next_quadratic_form(x, w, d, ab, tau)
-    else:  # X_{k+1} = 2 tau I - tau^2 K: the K just formed (the same floats as forming it again)
-        x_next = add_to_diagonal(k_mat * -(tau * tau), 2.0 * tau)
-    del k_mat
+    tau = _best_tau(x, w, d, ab, min(tau, 0.5 * cap), cap)
+    x_next = _next_quadratic_form(x, w, d, ab, tau)
+    return tau, 0.5 * (x_next + x_next.T)
+
+
+def relu_step(k_mat: np.ndarray) -> tuple[float, np.ndarray]:
+    """`sequential_step` where a b = 0, from K = D W X^-1 W' D: tau = 1 / lambda_max(K) and
+    X_(k+1) = 2 tau I - tau^2 K (from the K just formed: the same floats as forming it again)."""
+    lam = top_eigenvalue(k_mat)
+    tau = 1.0 / lam if lam > 1e-300 else 1.0
+    x_next = add_to_diagonal(k_mat * -(tau * tau), 2.0 * tau)
     return tau, 0.5 * (x_next + x_next.T)
 
 

@@ -46,6 +46,7 @@ from lipsdp.lmi import (
     block_schur_rho,
     final_rho,
     gram_through,
+    relu_step,
     sequential_step,
     split_multipliers,
     top_eigenvalue,
@@ -189,7 +190,7 @@ class Reduction:
             ct = cs[q] * ts[q]
             act = np.abs(ct)
             if q == p + 1:  # -W_p' diag(c_q t_q)
-                u = -(_dense(ws[p].T) * ct[None, :]) if not sp.issparse(ws[p]) else -_dense(ws[p].T @ sp.diags_array(ct))
+                u = _dense(ws[p].T) * -ct[None, :]
                 sums[i] = sums[i] + aws[p].T @ act
                 sums[i + 1] = sums[i + 1] + act * (aws[p] @ np.ones(sizes[p]))
             else:  # -1/2 W_p' diag(c_j) W_j' diag(c_q t_q)
@@ -223,6 +224,8 @@ def dense_weights(net: Network) -> Network:
 def usable(net: Network, eliminated: tuple[int, ...], t: np.ndarray) -> tuple[int, ...]:
     """`eliminated` when every multiplier of those layers is finite and > 0 (the Schur complement needs
     diag(t_j) > 0), else () (the full LMI)."""
+    if not eliminated:
+        return ()
     ts = split_multipliers(net, t)
     ok = all(np.all(np.isfinite(ts[j - 1]) & (ts[j - 1] > 0)) for j in eliminated)
     return tuple(eliminated) if ok else ()
@@ -230,7 +233,7 @@ def usable(net: Network, eliminated: tuple[int, ...], t: np.ndarray) -> tuple[in
 
 def schur_rho(net: Network, t: np.ndarray, eliminated: tuple[int, ...]) -> float | None:
     """`lmi.schur_rho`, on F' when `eliminated` is usable for t."""
-    eliminated = usable(net, eliminated, t) if eliminated else ()
+    eliminated = usable(net, eliminated, t)
     return Reduction(net, eliminated).rho(t) if eliminated else full_schur_rho(dense_weights(net), t)
 
 
@@ -271,11 +274,8 @@ def sequential_multipliers(net: Network, eliminated: tuple[int, ...]) -> np.ndar
         k_next += 0.25 * gram_through(z_low, gt)
         del gt, z_low, low
         k_next = d_next[:, None] * k_next * d_next[None, :]
-        lam_next = top_eigenvalue(k_next)
-        tau_next = 1.0 / lam_next if lam_next > 1e-300 else 1.0
-        x = add_to_diagonal(k_next * -(tau_next * tau_next), 2.0 * tau_next)
+        tau_next, x = relu_step(k_next)
         del k_next
-        x = 0.5 * (x + x.T)
         taus += [np.full(net.sizes[j], tau), np.full(net.sizes[j + 1], tau_next)]
         k += 2
     rho = final_rho(x, net.weights[-1])
