@@ -155,7 +155,7 @@ class LmiForms:
 def lmi_forms(net: Network, t: np.ndarray, eliminated: tuple[int, ...] = ()) -> LmiForms:
     """`LmiForms` of the LMI of `net` at multipliers t; with `eliminated` hidden layers (`lipsdp.reduced`,
     usable for t), of the equivalent reduced LMI F' over the other layers."""
-    eliminated = usable(net, eliminated, t) if eliminated else ()
+    eliminated = usable(net, eliminated, t)
     if eliminated:
         red = Reduction(net, eliminated)
         return LmiForms(*red.forms(t), inner=red.inner)
@@ -265,7 +265,7 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     balanced: dict[int, tuple | None] = {}  # per multiplier vector: shared by its two recipes
     prepared: dict[int, tuple | None] = {}
     forms: dict[int, LmiForms] = {}
-    eliminated = usable(net, plan(net), t) if net.depth else ()
+    eliminated = usable(net, plan(net), t)
     if eliminated:  # the proof's copies of the weights (balanced, equilibrated) are sparse: CNN-sized
         net = sparse_weights(net)
     order = sum(n for k, n in enumerate(net.sizes[:-1]) if k not in eliminated)
@@ -285,7 +285,7 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
         t_k, equilibrate = recipes[k]
         if k not in prepared:
             if k // 2 not in balanced:
-                balanced[k // 2] = _balanced(net, t_k, usable(net, eliminated, t_k) if eliminated else ())
+                balanced[k // 2] = _balanced(net, t_k, usable(net, eliminated, t_k))
             base = balanced[k // 2]
             prepared[k] = _equilibrated(*base) if equilibrate and base is not None else base
         if prepared[k] is not None:

@@ -7,7 +7,8 @@ temporaries. Their peak is at most about `PEAK_FACTOR` 8-byte numbers per entry 
 resnet_4b 7164 MiB / 2245 MiB (x3.2), resnet_2b 2658 / 744 (x3.6), cifar_base_kw 1679 / 466 (x3.6),
 cifar10_large 5867 / 2120 (x2.8), and a net shaped like COLT's cifar10_8_255 (3072 -> 8192 -> 8192 ->
 250 -> 10, two coupled blocks of 8192) 7771 / 1812 (x4.3), but 14648 (x8.1) when the certificate tried
-several multiplier recipes, each with its formed LMI kept for the next rho. A chain whose estimate exceeds the memory
+several multiplier recipes, each with its formed LMI kept for the next rho (since then a large LMI's
+recipe is dropped once done, and that net eliminates a layer: 3834 MiB). A chain whose estimate exceeds the memory
 available would be killed by the kernel mid-solve (a ConvBig-sized layer of 32768 neurons needs ~100
 GB); it gets a `LipSDPError` naming the widest layer and what to use instead. The memory available is
 what the system reports (Linux MemAvailable), or `LIPSDP_MEMORY_GIB` when set (to allow more, with swap,

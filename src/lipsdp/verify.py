@@ -745,7 +745,11 @@ def _eliminates(state: _State, t: np.ndarray) -> bool:
     """Point 1's elimination of a single hidden layer: only where it is much smaller, and every t > 0."""
     if state.depth != 1 or not np.all(t > 0):
         return False
-    n0, n1, n2 = state.weights[0].ncols(), state.hidden[0], state.weights[1].nrows()
+    return _much_wider(state.weights[0].ncols(), state.hidden[0], state.weights[1].nrows())
+
+
+def _much_wider(n0: int, n1: int, n2: int) -> bool:
+    """The one hidden layer is eliminated (point 1) when at least 4 times its input and output together."""
     return n1 >= 4 * (n0 + n2)
 
 
@@ -943,9 +947,9 @@ def _check_size(net: Any) -> None:
     from lipsdp.memory import available_bytes
 
     state = [net.weights[0].shape[1]] + [w.shape[0] for w in net.weights[:-1]]
-    if len(state) == 2 and state[1] >= 4 * (state[0] + net.weights[-1].shape[0]):  # one layer eliminated
-        n = state[0] + net.weights[-1].shape[0]
-        blocks = n * n
+    n_out = net.weights[-1].shape[0]
+    if len(state) == 2 and _much_wider(state[0], state[1], n_out):  # `_eliminates`: the reduced matrix only
+        blocks = (state[0] + n_out) ** 2
     else:
         blocks = sum(n * n for n in state) + sum(a * b for a, b in pairwise(state))
     entries = blocks + sum(int(w.size) for w in net.weights)
