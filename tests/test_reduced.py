@@ -12,10 +12,11 @@ from conftest import he_network
 from test_certificate import dense_m
 
 import lipsdp
-from lipsdp import Network, reduced
+from lipsdp import Network, reduced, weights
 from lipsdp.certificate import certify
 from lipsdp.lmi import schur_rho, sequential_multipliers
 from lipsdp.memory import block_entries
+from lipsdp.network import sparse_weights
 
 # widths chosen so that min_width=1 eliminates layers 1 and 4 (each at least as wide as both neighbours)
 SIZES = [5, 12, 4, 6, 14, 3, 2]
@@ -101,9 +102,9 @@ def test_proven_bound_equals_the_full_path_and_bounds_the_truth(seed, monkeypatc
     """With elimination on (MIN_WIDTH lowered) the proof is made on F' and gives the full path's bound; it
     is above the exact constant of a nonnegative net (all neurons active on x >= 0: L = ||W_l ... W_0||)."""
     rng = np.random.default_rng(seed)
-    weights = [rng.uniform(0.0, 1.0, (b, a)) / a for a, b in pairwise(SIZES)]
-    net = Network.from_arrays(weights, "relu")
-    exact = np.linalg.norm(np.linalg.multi_dot(weights[::-1]), 2)
+    ws = [rng.uniform(0.0, 1.0, (b, a)) / a for a, b in pairwise(SIZES)]
+    net = Network.from_arrays(ws, "relu")
+    exact = np.linalg.norm(np.linalg.multi_dot(ws[::-1]), 2)
     t = sequential_multipliers(net)
     full = certify(net, t)
     monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
@@ -154,23 +155,23 @@ def test_sparse_weights_give_the_dense_proof(monkeypatch):
     """With every mostly-zero weight handled as CSR (threshold lowered), the balancing, the reduced forms
     and the proven bound are those of the dense weights (sums in another order: equal to rounding)."""
     rng = np.random.default_rng(7)
-    weights = [w * (rng.uniform(size=w.shape) < 0.2) for w in he_network(SIZES, 7, "relu").weights]
-    net = Network.from_arrays(weights, "relu")
+    sparse_ish = [w * (rng.uniform(size=w.shape) < 0.2) for w in he_network(SIZES, 7, "relu").weights]
+    net = Network.from_arrays(sparse_ish, "relu")
     t = sequential_multipliers(net)
     monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
     dense = certify(net, t)
-    monkeypatch.setattr(reduced, "SPARSE_MIN_ENTRIES", 0)
-    sparse_net = reduced.sparse_weights(net)
+    monkeypatch.setattr(weights, "SPARSE_MIN_ENTRIES", 0)
+    sparse_net = sparse_weights(net)
     for w, w_s in zip(net.weights, sparse_net.weights):
-        assert reduced.sp.issparse(w_s) == (np.count_nonzero(w) <= 0.25 * w.size)
-    assert sum(reduced.sp.issparse(w) for w in sparse_net.weights) >= 3
+        assert weights.is_sparse(w_s) == (np.count_nonzero(w) <= 0.25 * w.size)
+    assert sum(weights.is_sparse(w) for w in sparse_net.weights) >= 3
     from lipsdp.lmi import Balancing
 
     bal_d, bal_s = Balancing.of(net), Balancing.of(sparse_net)
     assert bal_d.input_exp == bal_s.input_exp
     assert all(np.array_equal(a, b) for a, b in zip(bal_d.hidden_exps, bal_s.hidden_exps))
     for w_d, w_s in zip(bal_d.network(net).weights, bal_s.network(sparse_net).weights):
-        assert np.array_equal(w_d, reduced._dense(w_s))  # powers of two: exact either way
+        assert np.array_equal(w_d, weights.dense(w_s))  # powers of two: exact either way
     f_d, s_d = reduced.Reduction(net, (1, 4)).forms(t)
     f_s, s_s = reduced.Reduction(sparse_net, (1, 4)).forms(t)
     assert np.allclose(f_d.dense(), f_s.dense(), rtol=0, atol=1e-13 * np.abs(f_d.dense()).max())
@@ -183,12 +184,12 @@ def test_term_count_covers_every_entry_of_a_sparse_net():
     """`Reduction.inner` (the rounding terms per entry) is at least the number of nonzero products in any
     entry of F', counted by brute force on the nonzero patterns, and below the dense widths."""
     rng = np.random.default_rng(8)
-    weights = [w * (rng.uniform(size=w.shape) < 0.3) for w in he_network([6, 30, 5, 7, 40, 4, 3], 8).weights]
-    net = Network.from_arrays(weights, "relu")
+    ws = [w * (rng.uniform(size=w.shape) < 0.3) for w in he_network([6, 30, 5, 7, 40, 4, 3], 8).weights]
+    net = Network.from_arrays(ws, "relu")
     gone = reduced.plan(net, min_width=1)
     assert gone == (1, 4)
     red = reduced.Reduction(net, gone)
-    nz = [(w != 0).astype(int) for w in weights]
+    nz = [(w != 0).astype(int) for w in ws]
     worst = 0
     for p in red.kept:
         count = nz[p].T @ nz[p]  # its own product (W_l'W_l for the last block)

@@ -44,14 +44,14 @@ from lipsdp.lmi import (
     BlockCholesky,
     BlockTridiagonal,
     add_to_diagonal,
-    all_finite,
     negated_lmi,
     sequential_multipliers,
 )
-from lipsdp.network import Network
-from lipsdp.reduced import Reduction, dense_weights, most_per_column, plan, sparse_weights, usable
+from lipsdp.network import Network, dense_weights, sparse_weights
+from lipsdp.reduced import Reduction, plan, usable
 from lipsdp.reduced import schur_rho as reduced_schur_rho
 from lipsdp.reduced import sequential_multipliers as reduced_multipliers
+from lipsdp.weights import all_finite, most_per_column
 
 log = logging.getLogger(__name__)
 

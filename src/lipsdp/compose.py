@@ -68,6 +68,7 @@ import numpy as np
 
 from lipsdp.graph import Graph, fused_activations, to_network
 from lipsdp.network import Network
+from lipsdp.weights import dense, is_identity, is_sparse
 
 WEIGHTED_GAIN = 1.01  # weighted pools are used when their proxy is at least this factor below the plain one
 HOMOGENEOUS = frozenset({"relu", "leaky_relu", "identity"})  # phi(c x) = c phi(x) for every c > 0
@@ -238,7 +239,7 @@ def _holders(incidence) -> list[np.ndarray]:
 
 def _scaled_rows(net: Network, exponents: tuple[int | None, ...]) -> Network:
     """S o net: the last weight's and bias's rows times 2^f (0 for None); exact, else ValueError."""
-    w, b = net.weights[-1], net.biases[-1]
+    w, b = dense(net.weights[-1]), net.biases[-1]  # (one part's last weight; stored again by _with)
     zero = np.array([x is None for x in exponents])
     f = np.array([0 if x is None else x for x in exponents], dtype=np.int64)
     w2, b2 = np.ldexp(w, f[:, None]), np.ldexp(b, f)
@@ -263,10 +264,10 @@ def _scaled_columns(net: Network, exponents: tuple[int, ...]) -> Network:
     w0 = net.weights[0]
     through = (
         net.depth >= 1 and w0.shape[0] == w0.shape[1] and not np.any(net.biases[0])
-        and np.array_equal(w0, np.eye(w0.shape[0])) and _homogeneous(net)
+        and is_identity(w0) and _homogeneous(net)
     )
     k = 1 if through else 0
-    w = net.weights[k]
+    w = dense(net.weights[k])  # (one weight; stored again by _with)
     w2 = np.ldexp(w, e[None, :])
     if not np.array_equal(np.ldexp(w2, -e[None, :]), w):
         raise ValueError("a column scaling by a power of two is not exact (under- or overflow)")
@@ -301,7 +302,8 @@ class _Linearised:
         import scipy.sparse as sp
 
         self.weights = [
-            sp.csr_matrix(w) if w.size > 10_000 and np.count_nonzero(w) < 0.1 * w.size else w for w in net.weights
+            sp.csr_matrix(w) if is_sparse(w) or (w.size > 10_000 and np.count_nonzero(w) < 0.1 * w.size) else w
+            for w in net.weights
         ]
         self.mid = [0.5 * (a + b) for a, b in zip(net.alphas, net.betas)]
         self.shape = (net.weights[-1].shape[0], net.weights[0].shape[1])

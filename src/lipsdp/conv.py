@@ -42,6 +42,7 @@ from lipsdp.certificate import UNIT_ROUNDOFF, certify, gamma
 from lipsdp.errors import ModelLoadError, VerificationError
 from lipsdp.network import Network
 from lipsdp.unroll import as_pads, as_pair, conv2d_matrix, conv_output_size
+from lipsdp.weights import equal, stored
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,9 +138,21 @@ class Conv2d:
             self.weight, self.in_shape, stride=self.stride, padding=self.pads, dilation=self.dilation, groups=self.groups
         )[0]
 
-    def matches(self, matrix: np.ndarray) -> bool:
-        """Whether `matrix` is exactly this operator's matrix (so a bound proved for one holds for the other)."""
-        return matrix.shape == self.shape and bool(np.array_equal(self.dense(), matrix))
+    def matrix(self):
+        """The matrix in the form a network stores it (`lipsdp.weights.stored`: CSR when large), never
+        formed densely on the way."""
+        return stored(self._coo())
+
+    def matches(self, matrix) -> bool:
+        """Whether `matrix` (dense or CSR) is exactly this operator's matrix (so a bound proved for one holds
+        for the other)."""
+        return matrix.shape == self.shape and equal(self._coo(), matrix)
+
+    def _coo(self):
+        return conv2d_matrix(
+            self.weight, self.in_shape, stride=self.stride, padding=self.pads, dilation=self.dilation,
+            groups=self.groups, sparse=True,
+        )[0]
 
     def norm_estimate(self, iterations: int = 100, seed: int = 0) -> float:
         """||A x|| / ||x|| after power iteration on A'A: a lower bound on ||A||_2 (not a proof of an upper)."""

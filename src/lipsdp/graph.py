@@ -77,6 +77,7 @@ import numpy as np
 from lipsdp.activations import Activation, GroupSort, Mixed, activation, mixed, reflect
 from lipsdp.errors import InvalidNetworkError
 from lipsdp.network import Network, apply_activation
+from lipsdp.weights import dense, is_sparse
 
 OPS = ("input", "const", "affine", "act", "add", "concat", "maxpool", "groupsort", "householder")
 
@@ -132,7 +133,7 @@ class Graph:
         """W v + b (a 1-D `weight` is a diagonal map); `operator`: W's structured form when known (e.g. a
         `lipsdp.conv.Conv2d` whose matrix is W), kept on the lowered layer that is exactly W."""
         (src,) = self._check([src], where)
-        w = np.asarray(weight, dtype=np.float64)
+        w = dense(weight) if is_sparse(weight) else np.asarray(weight, dtype=np.float64)  # the lowering is dense
         n_in = self.size(src)
         if w.ndim not in (1, 2) or w.shape[-1] != n_in or w.size == 0:
             raise InvalidNetworkError(f"{where}: a weight of shape {w.shape} does not take the {n_in} values it receives")

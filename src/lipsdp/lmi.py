@@ -25,6 +25,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from lipsdp.network import Network
+from lipsdp.weights import all_finite, dense
 
 
 def split_multipliers(net: Network, t: np.ndarray) -> list[np.ndarray]:
@@ -169,7 +170,7 @@ def negated_lmi(net: Network, rho: float, t: np.ndarray, absolute: bool = False)
     """F = -M(rho, T) in block form. With `absolute`, the same formulas on |W|, |t|, |a|, |b| (used to
     bound the rounding error committed while forming F)."""
     ts = split_multipliers(net, t)
-    ws = net.weights
+    ws = [dense(w) for w in net.weights]  # (the reduced LMI, `lipsdp.reduced`, is the one for CSR weights)
     l = net.depth
     mag = np.abs if absolute else (lambda x: x)
     sign = 1.0 if absolute else -1.0  # sign of the terms that are subtracted in F
@@ -233,9 +234,9 @@ def sequential_multipliers(net: Network) -> np.ndarray:
     x = np.eye(net.sizes[0])
     taus = []
     for k in range(net.depth):
-        tau, x = sequential_step(x, net.weights[k], net.alphas[k], net.betas[k])
+        tau, x = sequential_step(x, dense(net.weights[k]), net.alphas[k], net.betas[k])
         taus.append(np.full(net.weights[k].shape[0], tau))
-    rho = final_rho(x, net.weights[-1])
+    rho = final_rho(x, dense(net.weights[-1]))
     return rho * np.concatenate(taus) if taus else np.zeros(0)
 
 
@@ -361,11 +362,6 @@ def weighted_squares(w, p: np.ndarray, rows: bool) -> np.ndarray:
         sq = w.multiply(w)
         return np.asarray(sq @ p if rows else sq.T @ p).reshape(-1)
     return np.einsum("ij,ij,j->i", w, w, p) if rows else np.einsum("ij,ij,i->j", w, w, p)
-
-
-def all_finite(w) -> bool:
-    """Every stored entry of a dense or sparse matrix is finite."""
-    return bool(np.all(np.isfinite(w.data if sp.issparse(w) else w)))
 
 
 def _scaling_is_safe(w, low: int, high: int) -> bool:

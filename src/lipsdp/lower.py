@@ -15,6 +15,7 @@ import numpy as np
 
 from lipsdp.activations import Mixed, Reflect
 from lipsdp.network import Network, activation_parts
+from lipsdp.weights import is_sparse
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ class TorchChain:
 
         self.weights, self.transposes = [], []
         for w in net.weights:
+            if is_sparse(w):  # a CSR weight (`lipsdp.weights`) straight to a sparse tensor, no dense copy
+                coo = w.tocoo()
+                index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
+                t = torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), w.shape).coalesce()
+                self.weights.append(t)
+                self.transposes.append(t.t().coalesce())
+                continue
             sparse = w.size >= SPARSE_MIN_SIZE and np.count_nonzero(w) <= SPARSE_DENSITY * w.size
             t = torch.from_numpy(w)
             if sparse:

@@ -15,6 +15,7 @@ import numpy as np
 
 from lipsdp.activations import Activation, GroupSort, Mixed, Reflect, activation
 from lipsdp.errors import InvalidNetworkError
+from lipsdp.weights import dense, entries, is_sparse, stored
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Network:
     Build one with `Network.from_arrays(weights, activations)` or a loader in `lipsdp.io`.
     """
 
-    weights: tuple[np.ndarray, ...]
+    weights: tuple[np.ndarray, ...]  # dense, or CSR when large and mostly zeros (`lipsdp.weights.stored`)
     biases: tuple[np.ndarray, ...]
     activations: tuple[Activation, ...]
     alphas: tuple[np.ndarray, ...] = field(repr=False)
@@ -51,7 +52,7 @@ class Network:
         `activations` is one name for every hidden layer or one per hidden layer (len(weights) - 1);
         `operators` optionally names the structured operator of each weight (see the field).
         """
-        weights = [np.asarray(w) for w in weights]
+        weights = [w if is_sparse(w) else np.asarray(w) for w in weights]
         if len(weights) == 0:
             raise InvalidNetworkError("the network has no weight matrices; give at least one")
         hidden = len(weights) - 1
@@ -81,10 +82,10 @@ class Network:
                 raise InvalidNetworkError(f"layer {k}: weight must be a 2-D (n_out, n_in) matrix, got shape {w.shape}")
             if not np.issubdtype(w.dtype, np.number) or np.iscomplexobj(w):
                 raise InvalidNetworkError(f"layer {k}: weight must hold real numbers, got dtype {w.dtype}")
-            w = np.ascontiguousarray(w, dtype=np.float64)
-            if w.size == 0:
+            if entries(w) == 0:
                 raise InvalidNetworkError(f"layer {k}: weight matrix is empty (shape {w.shape})")
-            if not np.all(np.isfinite(w)):
+            w = stored(w)
+            if not np.all(np.isfinite(w.data if is_sparse(w) else w)):
                 raise InvalidNetworkError(f"layer {k}: weight matrix contains NaN or infinite values")
             b = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
             if b.shape != (w.shape[0],):
@@ -156,7 +157,7 @@ class Network:
 
     def with_last_weight(self, w_last: np.ndarray, b_last: np.ndarray | None = None) -> Network:
         """The same network with its final affine map replaced (e.g. a class-pair difference row)."""
-        w_last = np.atleast_2d(np.asarray(w_last, dtype=np.float64))
+        w_last = stored(w_last if is_sparse(w_last) else np.atleast_2d(np.asarray(w_last, dtype=np.float64)))
         if w_last.shape[1] != self.weights[-1].shape[1]:
             raise InvalidNetworkError("replacement last layer does not match the last hidden width")
         b = np.zeros(w_last.shape[0]) if b_last is None else np.asarray(b_last, dtype=np.float64)
@@ -192,6 +193,19 @@ class Network:
             a, b = self.alphas[stop - 1], self.betas[stop - 1]
             out.append(float(max(np.max(np.abs(a)), np.max(np.abs(b)))))
         return out
+
+
+def dense_weights(net: Network) -> Network:
+    """The same network with every weight a dense array (for the code that takes dense weights only)."""
+    if not any(is_sparse(w) for w in net.weights):
+        return net
+    return replace(net, weights=tuple(dense(w) for w in net.weights))
+
+
+def sparse_weights(net: Network) -> Network:
+    """The same network with its large, mostly-zero weights as CSR matrices (`lipsdp.weights.stored`: the
+    same numbers), e.g. after a transform that built dense ones."""
+    return replace(net, weights=tuple(stored(w) for w in net.weights))
 
 
 def activation_parts(act: Activation) -> list[Activation]:
@@ -253,5 +267,5 @@ def pair_network(net: Network, pair: Sequence[int]) -> Network:
     n_out = net.sizes[-1]
     if not (0 <= i < n_out and 0 <= j < n_out) or i == j:
         raise InvalidNetworkError(f"pair {pair!r}: need two different class indices in 0..{n_out - 1}")
-    w, b = net.weights[-1], net.biases[-1]
-    return net.with_last_weight(w[i] - w[j], np.atleast_1d(b[i] - b[j]))
+    rows, b = dense(net.weights[-1][[i, j]]), net.biases[-1]
+    return net.with_last_weight(rows[0] - rows[1], np.atleast_1d(b[i] - b[j]))

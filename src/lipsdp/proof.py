@@ -154,9 +154,13 @@ def network_sha256(net: Any) -> str:
     and `betas` (a `lipsdp.Network`)."""
     h = hashlib.sha256(b"lipsdp-network-v1\0")
     for w, b in zip(net.weights, net.biases):
-        w = np.asarray(w, dtype="<f8")
         h.update(struct.pack("<qq", *w.shape))
-        h.update(np.ascontiguousarray(w).tobytes(order="C"))
+        if hasattr(w, "tocsr"):  # a CSR weight (`lipsdp.weights`): the bytes of its dense rows, a block at a time
+            step = max(1, (1 << 22) // max(w.shape[1], 1))
+            for i in range(0, w.shape[0], step):
+                h.update(np.ascontiguousarray(w[i : i + step].toarray(), dtype="<f8").tobytes(order="C"))
+        else:
+            h.update(np.ascontiguousarray(np.asarray(w, dtype="<f8")).tobytes(order="C"))
         h.update(np.ascontiguousarray(np.asarray(b, dtype="<f8")).tobytes())
     for act, a, b in zip(net.activations, net.alphas, net.betas):
         h.update(act.name.encode("utf-8") + b"\0")

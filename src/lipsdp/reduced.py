@@ -33,12 +33,10 @@ the sum of all widths, which the factor (1 + 2 g_m) applied here covers.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from itertools import pairwise
 
 import numpy as np
 import scipy.linalg as sla
-import scipy.sparse as sp
 
 from lipsdp.lmi import (
     BlockTridiagonal,
@@ -52,12 +50,12 @@ from lipsdp.lmi import (
     top_eigenvalue,
 )
 from lipsdp.lmi import schur_rho as full_schur_rho
-from lipsdp.network import Network
+from lipsdp.network import Network, dense_weights
+from lipsdp.weights import chain, cogram, dense, gram, most_per_column, most_per_row, stored
 
 # A hidden layer at least this wide, and at least as wide as both neighbours, is eliminated when it can be.
 MIN_WIDTH = 4096
 UNIT_ROUNDOFF = 2.0**-53
-SPARSE_MIN_ENTRIES = 1 << 20  # a weight this large and at most 1/4 nonzero is handled as a CSR matrix
 
 
 def plan(net: Network, min_width: int | None = None) -> tuple[int, ...]:
@@ -79,67 +77,13 @@ def plan(net: Network, min_width: int | None = None) -> tuple[int, ...]:
     return tuple(sorted(chosen))
 
 
-def _operand(w):
-    """w as a CSR matrix when it is large and mostly zeros (an unrolled convolution), else w itself."""
-    if sp.issparse(w):
-        return sp.csr_array(w, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    if w.size >= SPARSE_MIN_ENTRIES:
-        nnz = np.count_nonzero(w)
-        if nnz <= 0.25 * w.size:
-            return sp.csr_array(w)
-    return w
-
-
-def _dense(m) -> np.ndarray:
-    return np.ascontiguousarray(m.toarray() if sp.issparse(m) else m, dtype=np.float64)
-
-
-def _gram(w, s: np.ndarray) -> np.ndarray:
-    """W' diag(s) W, dense."""
-    if sp.issparse(w):
-        return _dense(w.T @ (sp.diags_array(s) @ w))
-    return w.T @ (s[:, None] * w)
-
-
-def _cogram(w, s: np.ndarray) -> np.ndarray:
-    """W diag(s) W', dense."""
-    if sp.issparse(w):
-        return _dense((w @ sp.diags_array(s)) @ w.T)
-    return (w * s[None, :]) @ w.T
-
-
-def _chain(w_out, s: np.ndarray, w_in) -> np.ndarray:
-    """W_out diag(s) W_in, dense."""
-    if sp.issparse(w_out) or sp.issparse(w_in):
-        a = sp.csr_array(w_out) if not sp.issparse(w_out) else w_out
-        b = sp.csr_array(w_in) if not sp.issparse(w_in) else w_in
-        return _dense((a @ sp.diags_array(s)) @ b)
-    return (w_out * s[None, :]) @ w_in
-
-
-def most_per_row(w) -> int:
-    """The most nonzero entries in one row of w."""
-    if sp.issparse(w):
-        return int(np.diff(sp.csr_array(w).indptr).max(initial=0))
-    return int(np.count_nonzero(w, axis=1).max(initial=0))
-
-
-def most_per_column(w) -> int:
-    """The most nonzero entries in one column of w."""
-    if sp.issparse(w):
-        w = sp.csr_array(w)
-        return int(np.bincount(w.indices, minlength=w.shape[1]).max(initial=0))
-    return int(np.count_nonzero(w, axis=0).max(initial=0))
-
-
 class Reduction:
     """The kept blocks of F' for one network and elimination plan (the weights prepared once)."""
 
     def __init__(self, net: Network, eliminated: tuple[int, ...]):
         self.net, self.eliminated = net, tuple(eliminated)
         self.kept = [k for k in range(net.depth + 1) if k not in self.eliminated]
-        self.ws = [_operand(w) for w in net.weights]
+        self.ws = [stored(w) for w in net.weights]
         self.abs_ws = [abs(w) for w in self.ws]
         sizes, gone = net.sizes, set(self.eliminated)
         # nonzero terms of one entry of F'_pp: its own product W_p'(.)W_p (W_l'W_l for p = l), the
@@ -165,19 +109,19 @@ class Reduction:
             ones = np.ones(sizes[p])
             if p < l:
                 s = 2.0 * net.alphas[p] * net.betas[p] * ts[p + 1]
-                block = _gram(ws[p], s) if np.any(s) else np.zeros((sizes[p], sizes[p]))
+                block = gram(ws[p], s) if np.any(s) else np.zeros((sizes[p], sizes[p]))
                 row = aws[p].T @ (np.abs(s) * (aws[p] @ ones))
             else:
-                block = -_gram(ws[l], np.ones(sizes[l + 1]))
+                block = -gram(ws[l], np.ones(sizes[l + 1]))
                 row = aws[l].T @ (aws[l] @ ones)
             if p + 1 in gone:  # - 1/2 W_p' diag(c_j^2 t_j) W_p
                 s = 0.5 * cs[p + 1] ** 2 * ts[p + 1]
-                block -= _gram(ws[p], s)
+                block -= gram(ws[p], s)
                 row = row + aws[p].T @ (np.abs(s) * (aws[p] @ ones))
             if p - 1 in gone:  # - 1/2 diag(c_p t_p) W_j diag(1/t_j) W_j' diag(c_p t_p)
                 j, ct = p - 1, cs[p] * ts[p]
                 inv = 1.0 / ts[j]
-                block -= (0.5 * ct)[:, None] * _cogram(ws[j], inv) * ct[None, :]
+                block -= (0.5 * ct)[:, None] * cogram(ws[j], inv) * ct[None, :]
                 act = np.abs(ct)
                 row = row + 0.5 * act * (aws[j] @ (inv * (aws[j].T @ act)))
             if p > 0:
@@ -190,12 +134,12 @@ class Reduction:
             ct = cs[q] * ts[q]
             act = np.abs(ct)
             if q == p + 1:  # -W_p' diag(c_q t_q)
-                u = _dense(ws[p].T) * -ct[None, :]
+                u = dense(ws[p].T) * -ct[None, :]
                 sums[i] = sums[i] + aws[p].T @ act
                 sums[i + 1] = sums[i + 1] + act * (aws[p] @ np.ones(sizes[p]))
             else:  # -1/2 W_p' diag(c_j) W_j' diag(c_q t_q)
                 j = p + 1
-                u = _chain(ws[p].T, -0.5 * cs[j], ws[j].T) * ct[None, :]
+                u = chain(ws[p].T, -0.5 * cs[j], ws[j].T) * ct[None, :]
                 acj = np.abs(cs[j])
                 sums[i] = sums[i] + 0.5 * (aws[p].T @ (acj * (aws[j].T @ act)))
                 sums[i + 1] = sums[i + 1] + 0.5 * act * (aws[j] @ (acj * (aws[p] @ np.ones(sizes[p]))))
@@ -206,19 +150,6 @@ class Reduction:
     def rho(self, t: np.ndarray) -> float | None:
         """rho*(T) from F' (the same value as `lmi.schur_rho` on the full LMI), or None."""
         return block_schur_rho(self.forms(np.clip(t, 0.0, None))[0])
-
-
-def sparse_weights(net: Network) -> Network:
-    """The same network with its large, mostly-zero weights as CSR matrices (exactly the same numbers), for
-    the proof's scaled copies (`lmi.Balancing` and `Reduction` take either)."""
-    return replace(net, weights=tuple(_operand(w) for w in net.weights))
-
-
-def dense_weights(net: Network) -> Network:
-    """The inverse of `sparse_weights` (for the full LMI, which takes dense weights only)."""
-    if not any(sp.issparse(w) for w in net.weights):
-        return net
-    return replace(net, weights=tuple(_dense(w) for w in net.weights))
 
 
 def usable(net: Network, eliminated: tuple[int, ...], t: np.ndarray) -> tuple[int, ...]:
@@ -244,21 +175,21 @@ def sequential_multipliers(net: Network, eliminated: tuple[int, ...]) -> np.ndar
     Woodbury X_j^-1 = I / (2 tau) + 1/4 H' Z^-1 H with Z = I - tau/2 H H' (eigenvalues in [1/2, 1] at
     tau = 1 / lambda_max). So the next layer's D' W_j X_j^-1 W_j' D' needs only W_j W_j' and
     G' = L^-1 (W_j D W_(j-1))': no n_j x n_j matrix is ever formed."""
-    ws = [_operand(w) for w in net.weights]
+    ws = [stored(w) for w in net.weights]
     x = np.eye(net.sizes[0])
     taus: list[np.ndarray] = []
     k = 0
     while k < net.depth:
         j = k + 1  # the layer this step makes
         if j not in eliminated:
-            tau, x = sequential_step(x, net.weights[k], net.alphas[k], net.betas[k])
+            tau, x = sequential_step(x, dense(net.weights[k]), net.alphas[k], net.betas[k])
             taus.append(np.full(net.sizes[j], tau))
             k += 1
             continue
         d = np.asarray(net.alphas[k] + net.betas[k], np.float64)
         low = sla.cholesky(x, lower=True, check_finite=False)
         del x
-        half = sla.solve_triangular(low, _gram(ws[k], d * d), lower=True, check_finite=False)
+        half = sla.solve_triangular(low, gram(ws[k], d * d), lower=True, check_finite=False)
         hh = sla.solve_triangular(low, half.T, lower=True, check_finite=False)  # L^-1 W' D^2 W L^-T
         hh = 0.5 * (hh + hh.T)
         del half
@@ -268,9 +199,9 @@ def sequential_multipliers(net: Network, eliminated: tuple[int, ...]) -> np.ndar
         del hh
         z_low = sla.cholesky(z, lower=True, check_finite=False)
         del z
-        gt = sla.solve_triangular(low, _chain(ws[j], d, ws[k]).T, lower=True, check_finite=False)
+        gt = sla.solve_triangular(low, chain(ws[j], d, ws[k]).T, lower=True, check_finite=False)
         d_next = np.asarray(net.alphas[j] + net.betas[j], np.float64)
-        k_next = _cogram(ws[j], np.full(net.sizes[j], 0.5 / tau))
+        k_next = cogram(ws[j], np.full(net.sizes[j], 0.5 / tau))
         k_next += 0.25 * gram_through(z_low, gt)
         del gt, z_low, low
         k_next = d_next[:, None] * k_next * d_next[None, :]
@@ -278,5 +209,5 @@ def sequential_multipliers(net: Network, eliminated: tuple[int, ...]) -> np.ndar
         del k_next
         taus += [np.full(net.sizes[j], tau), np.full(net.sizes[j + 1], tau_next)]
         k += 2
-    rho = final_rho(x, net.weights[-1])
+    rho = final_rho(x, dense(net.weights[-1]))
     return rho * np.concatenate(taus) if taus else np.zeros(0)

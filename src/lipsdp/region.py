@@ -19,6 +19,7 @@ import numpy as np
 from lipsdp.activations import Mixed, Reflect, neuron_mask, select_neurons
 from lipsdp.errors import InvalidNetworkError, LipSDPError
 from lipsdp.network import Network, apply_activation
+from lipsdp.weights import row_norms, scale_columns
 
 _U = np.finfo(np.float64).eps / 2  # unit roundoff
 _TINY = np.finfo(np.float64).tiny
@@ -154,7 +155,7 @@ class Ball:
     def first_layer_range(self, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """w x + b over the ball: centre value +- eps * ||row||_2 (tighter than the bounding box)."""
         lo, hi = _affine_range(w, b, self.center, np.zeros_like(self.center))
-        spread = self.eps * np.linalg.norm(w, axis=1) * (1.0 + _gamma(w.shape[1] + 4)) + _TINY
+        spread = self.eps * row_norms(w) * (1.0 + _gamma(w.shape[1] + 4)) + _TINY
         return lo - spread, hi + spread
 
     def describe(self) -> str:
@@ -321,8 +322,7 @@ def _drop_constant_neurons(
         keep = ~const
         if not keep.any():
             keep[0] = True
-            ws[k + 1] = ws[k + 1].copy()
-            ws[k + 1][:, 0] = 0.0
+            ws[k + 1] = scale_columns(ws[k + 1], np.r_[0.0, np.ones(ws[k + 1].shape[1] - 1)])  # column 0 zeroed
             zeroed.append(k)
         kept[k] = kept[k][keep]
         removed += int(np.sum(~keep))

@@ -29,6 +29,17 @@ import numpy as np
 from lipsdp import reduced
 from lipsdp.errors import LipSDPError, VerificationError
 from lipsdp.network import Network
+from lipsdp.weights import (
+    all_finite,
+    equal,
+    largest_magnitude,
+    ldexp,
+    nonzero_columns,
+    nonzero_rows,
+    nonzeros,
+    scale_rows,
+    stored,
+)
 
 # Methods whose bound is a function of (weights, slope bounds) only, so the congruence above applies.
 LMI_METHODS = frozenset({"naive", "sequential", "anytime", "layer", "neuron", "neuron-dense"})
@@ -100,7 +111,7 @@ def layer_exponents(net: Network) -> list[int]:
     """e_k with 2**e_k * max|W_k| in [0.5, 1); 0 for an all-zero layer."""
     out = []
     for w in net.weights:
-        m = max(float(np.max(w, initial=0.0)), -float(np.min(w, initial=0.0)))  # no |W| copy
+        m = largest_magnitude(w)  # no |W| copy
         out.append(0 if m == 0.0 else -math.frexp(m)[1])
     return out
 
@@ -119,8 +130,8 @@ def rescale(net: Network, exponents: list[int] | None = None) -> Rescaled:
         if not exps[k]:  # unscaled: the same array (a CNN's unrolled layers are GBs)
             weights.append(w)
             continue
-        scaled = np.ldexp(w, exps[k])
-        if not (np.all(np.isfinite(scaled)) and np.array_equal(np.ldexp(scaled, -exps[k]), w)):
+        scaled = ldexp(w, exps[k])
+        if not (all_finite(scaled) and equal(ldexp(scaled, -exps[k]), w)):
             exps[k], scaled = 0, w
         weights.append(scaled)
     prefix = np.cumsum(exps)
@@ -149,7 +160,7 @@ def fold_linear_layers(net: Network) -> Network:
         a, b = net.alphas[k], net.betas[k]
         w_next, b_next = net.weights[k + 1], net.biases[k + 1]
         if np.array_equal(a, b):
-            weights[-1] = w_next @ (a[:, None] * weights[-1])
+            weights[-1] = stored(w_next @ scale_rows(weights[-1], a))
             # Slopes in [a, a] force phi(z) = a z + c; c = 0 for identity / leaky_relu:1 (and LMI methods
             # never read biases, so local slope bounds with alpha == beta fold the same way).
             biases[-1] = w_next @ (a * biases[-1]) + b_next
@@ -183,7 +194,7 @@ def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarr
     from lipsdp.network import apply_activation
 
     kept = [np.arange(n) for n in net.hidden_sizes]
-    if any(not np.any(w) for w in net.weights):
+    if any(nonzeros(w) == 0 for w in net.weights):
         return None, kept
     ws, bs = list(net.weights), list(net.biases)
     acts, alphas, betas = list(net.activations), list(net.alphas), list(net.betas)
@@ -191,12 +202,12 @@ def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarr
     while changed:
         changed = False
         for k in range(len(acts)):
-            keep = np.any(ws[k] != 0, axis=1) & np.any(ws[k + 1] != 0, axis=0)
+            keep = nonzero_rows(ws[k]) & nonzero_columns(ws[k + 1])
             if keep.all():
                 continue
             if not keep.any():
                 return None, kept
-            const = ~np.any(ws[k] != 0, axis=1) & np.any(ws[k + 1] != 0, axis=0)
+            const = ~nonzero_rows(ws[k]) & nonzero_columns(ws[k + 1])
             if const.any():
                 try:
                     phi_b = apply_activation(select_neurons(acts[k], const), bs[k][const])
@@ -208,7 +219,7 @@ def prune_dead_neurons_kept(net: Network) -> tuple[Network | None, list[np.ndarr
             ws[k + 1] = ws[k + 1][:, keep]
             kept[k] = kept[k][keep]
             changed = True
-    if len(ws[0]) == len(net.weights[0]) and all(a.shape == b.shape for a, b in zip(ws, net.weights)):
+    if ws[0].shape[0] == net.weights[0].shape[0] and all(a.shape == b.shape for a, b in zip(ws, net.weights)):
         return net, kept
     pruned = replace(net, weights=tuple(ws), biases=tuple(bs), activations=tuple(acts), alphas=tuple(alphas),
                      betas=tuple(betas))

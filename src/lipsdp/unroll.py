@@ -82,8 +82,10 @@ def conv2d_matrix(
     padding: int | Sequence[int] = 0,
     dilation: int | Sequence[int] = 1,
     groups: int = 1,
+    sparse: bool = False,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The dense matrix of a zero-padded 2-D convolution (cross-correlation, as in PyTorch and ONNX).
+    """The dense matrix of a zero-padded 2-D convolution (cross-correlation, as in PyTorch and ONNX), or with
+    `sparse` the same matrix as scipy COO (no dense array formed).
 
     weight       (out_channels, in_channels / groups, kh, kw)
     padding      an int, (pad_h, pad_w), or (top, left, bottom, right) as in ONNX
@@ -117,8 +119,8 @@ def conv2d_matrix(
     col_index = np.broadcast_to((in_channel * h + r) * w + s, shape)[mask]
     values = np.broadcast_to(weight[:, :, None, None, :, :], shape)[mask]
     n_out = out_c * out_h * out_w
-    matrix = sp.coo_matrix((values, (row_index, col_index)), shape=(n_out, c * h * w)).toarray()
-    return matrix, (out_c, out_h, out_w)
+    matrix = sp.coo_array((values, (row_index, col_index)), shape=(n_out, c * h * w))
+    return (matrix if sparse else matrix.toarray()), (out_c, out_h, out_w)
 
 
 def avgpool2d_matrix(

@@ -80,6 +80,7 @@ import numpy as np
 
 from lipsdp.errors import CertificateError, LipSDPError
 from lipsdp.io import load_network
+from lipsdp.network import dense_weights
 from lipsdp.proof import CertificateFile, Proof, Step, network_sha256, parse_certificate
 
 DEFAULT_PREC = 128  # bits of the ball arithmetic
@@ -952,7 +953,7 @@ def _check_size(net: Any) -> None:
         blocks = (state[0] + n_out) ** 2
     else:
         blocks = sum(n * n for n in state) + sum(a * b for a, b in pairwise(state))
-    entries = blocks + sum(int(w.size) for w in net.weights)
+    entries = blocks + sum(int(np.prod(w.shape)) for w in net.weights)  # zeros included (CSR weights: not .size)
     available = available_bytes()
     if available is not None and entries * ARB_ENTRY_BYTES > available:
         raise LipSDPError(
@@ -986,6 +987,7 @@ def verify(cert: str | Path, model: Any, *, prec: int = DEFAULT_PREC, **loader_o
                        f"proof bounds (local={proof.local}, pair={proof.pair})")
     if proof.kind != "compose":  # (a composition is checked part by part)
         _check_size(net)
+    net = dense_weights(net)
     sha = network_sha256(net)
     if sha != data.sha256:
         return verdict(False, f"hash mismatch: the model's sha256 is {sha[:16]}..., the certificate is for "

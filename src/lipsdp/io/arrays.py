@@ -15,6 +15,7 @@ import numpy as np
 from lipsdp.activations import Mixed, Reflect
 from lipsdp.errors import LipSDPError, ModelLoadError
 from lipsdp.network import Network
+from lipsdp.weights import dense
 
 
 def _numbered(keys: list[str], prefix: str, source: str = "weight file") -> list[str]:
@@ -206,7 +207,7 @@ def load_mat(path: str | Path, activation: str | None = None) -> Network:
 
 def save_npz(net: Network, path: str | Path) -> None:
     """Write a network as `.npz` (W_k, b_k, activations) that `load_npz` reads back exactly."""
-    arrays = {f"W{k}": w for k, w in enumerate(net.weights)}
+    arrays = {f"W{k}": dense(w) for k, w in enumerate(net.weights)}
     arrays.update({f"b{k}": b for k, b in enumerate(net.biases)})
     labels = []
     for k, act in enumerate(net.activations):
@@ -229,7 +230,7 @@ def save_mat(net: Network, path: str | Path) -> None:
     cell = np.empty((1, len(net.weights)), dtype=object)
     bias = np.empty((1, len(net.weights)), dtype=object)
     for k, (w, b) in enumerate(zip(net.weights, net.biases)):
-        cell[0, k] = w
+        cell[0, k] = dense(w)
         bias[0, k] = b.reshape(-1, 1)
     acts = np.empty((1, max(net.depth, 1)), dtype=object)
     for k in range(net.depth):

@@ -15,6 +15,7 @@ from lipsdp.activations import Activation, GroupSort, activation
 from lipsdp.errors import LipSDPError, ModelLoadError, UnsupportedLayerError
 from lipsdp.graph import Graph, to_network
 from lipsdp.network import Network
+from lipsdp.weights import is_sparse, nonzeros, scale_columns, scale_rows, stored
 
 # Largest array a loader accepts (2^28 float64 = 2 GiB); a file may claim any shape in a few bytes.
 MAX_ARRAY_ELEMENTS = 2**28
@@ -61,7 +62,7 @@ class _Affine:
     """x -> w x + b, where a 1-D `w` stands for diag(w) (kept lazy: batch-norms of conv layers are big)."""
 
     def __init__(self, w: np.ndarray, b: np.ndarray, op: object = None) -> None:
-        self.w = np.asarray(w, dtype=np.float64)
+        self.w = w if is_sparse(w) else np.asarray(w, dtype=np.float64)
         self.b = np.array(b, dtype=np.float64).reshape(-1)
         self.op = op  # the structured operator whose matrix w is (a composition has none)
 
@@ -74,14 +75,19 @@ class _Affine:
         return self.w.shape[-1]
 
     def then(self, nxt: _Affine) -> _Affine | None:
-        """The composition nxt(self(x)), or None when the product matrix would outgrow the two factors."""
+        """The composition nxt(self(x)), or None when the product matrix would outgrow the two factors (a
+        CSR factor, `lipsdp.weights`: its nonzeros count)."""
         a, b = self.w, nxt.w
         if a.ndim == 1 and b.ndim == 1:
             w = b * a
         elif a.ndim == 1:
-            w = b * a[None, :]
+            w = scale_columns(b, a)
         elif b.ndim == 1:
-            w = b[:, None] * a
+            w = scale_rows(a, b)
+        elif is_sparse(a) and is_sparse(b):
+            w = stored(b @ a)
+            if nonzeros(w) > a.size + b.size:
+                return None
         elif b.shape[0] * a.shape[1] <= a.size + b.size:
             w = b @ a
         else:
@@ -105,8 +111,8 @@ class ChainBuilder:
         self.size: int | None = None  # current feature count
 
     def affine(self, w: np.ndarray, b: np.ndarray | None, where: str, operator: object = None) -> None:
-        """Append x -> w x + b (w 2-D, or 1-D for a diagonal map; `operator`: w's structured form)."""
-        w = np.asarray(w, dtype=np.float64)
+        """Append x -> w x + b (w 2-D dense or CSR, or 1-D for a diagonal map; `operator`: w's structured form)."""
+        w = w if is_sparse(w) else np.asarray(w, dtype=np.float64)
         b = np.zeros(w.shape[0]) if b is None else np.broadcast_to(np.asarray(b, dtype=np.float64), (w.shape[0],))
         step = _Affine(w, b, operator)
         if self.size is not None and step.n_in != self.size:
@@ -168,7 +174,7 @@ class GraphBuilder:
         self.size = graph.size(current)
 
     def affine(self, w: np.ndarray, b: np.ndarray | None, where: str, operator: object = None) -> None:
-        w = np.asarray(w, dtype=np.float64)
+        w = w if is_sparse(w) else np.asarray(w, dtype=np.float64)
         if w.shape[-1] != self.size:
             raise UnsupportedLayerError(
                 f"{self.source}: {where} expects {w.shape[-1]} input features but receives {self.size}"

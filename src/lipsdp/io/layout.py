@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lipsdp.errors import UnsupportedLayerError
+from lipsdp.weights import is_sparse, stored
 
 
 class Layout:
@@ -59,6 +60,8 @@ class Layout:
         """A matrix acting on the tensor (C order) as a matrix acting on the flat vector: columns permuted."""
         if self.index is None:
             return matrix
+        if is_sparse(matrix):  # column index[p] of the result is column p of matrix
+            return stored(matrix.tocsc()[:, np.argsort(self.index.reshape(-1))])
         out = np.empty_like(matrix)
         out[:, self.index.reshape(-1)] = matrix
         return out

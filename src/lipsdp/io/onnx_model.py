@@ -311,7 +311,7 @@ class _OnnxChain:
         op = Conv2d.make(
             weight, self.image(where), stride=strides, padding=pads, dilation=dilation, groups=int(attrs.get("group", 1))
         )
-        matrix, shape = op.dense(), op.out_shape
+        matrix, shape = op.matrix(), op.out_shape
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = np.repeat(self.const(node.input[2], where), shape[1] * shape[2])

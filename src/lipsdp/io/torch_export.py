@@ -437,7 +437,7 @@ class _ExportChain:
                 padding = (totals[0] // 2, totals[1] // 2, totals[0] - totals[0] // 2, totals[1] - totals[1] // 2)
         image = self.image(where)
         op = Conv2d.make(weight, image, stride=stride, padding=padding, dilation=dilation, groups=groups)
-        matrix, shape = op.dense(), op.out_shape
+        matrix, shape = op.matrix(), op.out_shape
         self.check_shape(shape, out_shape, where)
         full = np.repeat(_numpy(bias), shape[1] * shape[2]) if bias is not None else None
         self.dense(matrix, full, out_shape, where, op)

@@ -150,7 +150,7 @@ class _TorchChain:
                 _numpy(module.weight), shape, stride=module.stride, padding=padding, dilation=module.dilation,
                 groups=module.groups,
             )
-            matrix, self.shape = op.dense(), op.out_shape
+            matrix, self.shape = op.matrix(), op.out_shape
             bias = None if module.bias is None else np.repeat(_numpy(module.bias), self.shape[1] * self.shape[2])
             b.affine(matrix, bias, name, op)
         elif isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):

@@ -6,6 +6,7 @@ verified upper bound (proved by `lipsdp.certificate`); `raw` is the method's own
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable
@@ -118,7 +119,22 @@ def get_method(name: str) -> Callable[..., MethodOutput]:
     if key not in _REGISTRY:
         raise UnknownMethodError(f"unknown method '{name}'; valid methods: {', '.join(_REGISTRY)}")
     module, func, _ = _REGISTRY[key]
-    return getattr(importlib.import_module(module), func)
+    fn = getattr(importlib.import_module(module), func)
+    return fn if key in SPARSE_AWARE else _on_dense_weights(fn)
+
+
+# Methods that take a network with CSR weights (`lipsdp.weights`) as it is: the others get dense copies.
+SPARSE_AWARE = frozenset({"naive", "sequential"})
+
+
+def _on_dense_weights(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
+    from lipsdp.network import dense_weights
+
+    @functools.wraps(fn)
+    def run(net, **options):
+        return fn(dense_weights(net), **options)
+
+    return run
 
 
 def register_method(name: str, module: str, func: str, description: str) -> None:

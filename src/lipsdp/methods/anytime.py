@@ -66,6 +66,7 @@ from lipsdp import eliminate
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
+from lipsdp.weights import dense
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,13 @@ class _Objective:
         self.torch = torch
         kw = {"dtype": torch.float64, "device": device}
         self.kw = kw
-        self.weights = [torch.as_tensor(w, **kw) for w in net.weights]
+        self.weights = [torch.as_tensor(dense(w), **kw) for w in net.weights]
         self.alphas = [torch.as_tensor(a, **kw) for a in net.alphas]
         self.betas = [torch.as_tensor(b, **kw) for b in net.betas]
         self.sizes = list(net.hidden_sizes)
         w_last = self.weights[-1]
         self.gram_last = w_last.T @ w_last
-        w0 = net.weights[0]
+        w0 = dense(net.weights[0])
         n1, n0 = w0.shape
         if n1 < n0:  # B'B = W_0 W_0' with B square: the eigenproblem shrinks to n_1
             lam, vecs = np.linalg.eigh(w0 @ w0.T)

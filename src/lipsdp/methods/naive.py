@@ -17,6 +17,7 @@ from lipsdp.lmi import norm_estimate
 from lipsdp.methods import MethodOutput
 from lipsdp.network import Network
 from lipsdp.proof import Proof
+from lipsdp.weights import entries
 
 
 def _spectral_norm_certificate(w: np.ndarray):
@@ -57,7 +58,7 @@ def _layer_norm(net: Network, k: int) -> tuple[float, float, float]:
     factorisation), else the smaller of the Hoelder bound and the Cholesky certificate of the Gram matrix
     of the smaller side (the latter only up to order `DENSE_NORM_SIDE`)."""
     w = net.weights[k]
-    op = net.operator(k) if w.size > DENSE_NORM_ENTRIES else None
+    op = net.operator(k) if entries(w) > DENSE_NORM_ENTRIES else None
     if op is not None:
         return (*_from_norm(op.norm_upper()), op.norm_estimate())
     holder = holder_bound(w)
