@@ -43,7 +43,7 @@ def test_products_on_csr_equal_the_dense_ones():
     a[:, 7] = 0.0
     ca, cb = sp.csr_array(a), sp.csr_array(b)
     s, r = RNG.uniform(0.5, 2.0, 40), RNG.uniform(0.5, 2.0, 30)
-    close = dict(rtol=1e-13, atol=1e-13)
+    close = {"rtol": 1e-13, "atol": 1e-13}
     assert np.allclose(weights.gram(ca, s), a.T @ np.diag(s) @ a, **close)
     assert np.allclose(weights.cogram(ca, r), a @ np.diag(r) @ a.T, **close)
     assert np.allclose(weights.chain(cb, s, ca), b @ np.diag(s) @ a, **close)

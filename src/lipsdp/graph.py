@@ -8,7 +8,8 @@ A `Graph` is a list of nodes in topological order, each computing one flat float
 - ``const``     a constant vector;
 - ``affine``    W v + b for one input v: a dense matrix, or a 1-D vector for a diagonal map. Convolutions,
                 average pooling, padding, reshapes and transposes all become such matrices in the front ends
-                (`lipsdp.unroll`, `lipsdp.io.layout`);
+                (`lipsdp.unroll`, `lipsdp.io.layout`). A CSR weight is made dense here: the lowering works on
+                dense expressions (the chain it returns stores its large layers as CSR again, `lipsdp.weights`);
 - ``act``       an elementwise slope-restricted activation (`lipsdp.activations`);
 - ``add``       the sum of several inputs of one size (residual connections);
 - ``concat``    the concatenation of several inputs;

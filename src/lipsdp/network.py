@@ -4,6 +4,9 @@ f(x) = W_l phi_l(... phi_1(W_0 x + b_0) ...) + b_l.  Hidden layer k (1..l) has a
 per-neuron slope bounds alpha_k, beta_k (vectors; usually constant, but local bounds tighten them).
 A layer may mix its activation with pass-through neurons (`lipsdp.activations.Mixed`: the identity on
 some neurons, slopes [1, 1]); lowered graphs (`lipsdp.graph`) use them to carry skip connections.
+A large, mostly-zero weight (an unrolled convolution) is stored as a CSR matrix (`lipsdp.weights`): memory
+then grows with the number of nonzeros, not with n_out * n_in. Code that needs dense weights takes
+`dense_weights(net)` (the method registry does this for every method not in `methods.SPARSE_AWARE`).
 """
 
 from __future__ import annotations
