@@ -70,7 +70,7 @@ class TorchChain:
             if is_sparse(w):  # a CSR weight (`lipsdp.weights`) straight to a sparse tensor, no dense copy
                 coo = w.tocoo()
                 index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-                t = torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), w.shape).coalesce()
+                t = torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), w.shape, check_invariants=True).coalesce()
                 self.weights.append(t)
                 self.transposes.append(t.t().coalesce())
                 continue
