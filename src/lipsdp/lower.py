@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from lipsdp.activations import Mixed, Reflect
 from lipsdp.network import Network, activation_parts
@@ -67,20 +68,17 @@ class TorchChain:
 
         self.weights, self.transposes = [], []
         for w in net.weights:
-            if is_sparse(w):  # a CSR weight (`lipsdp.weights`) straight to a sparse tensor, no dense copy
-                coo = w.tocoo()
+            if not is_sparse(w) and w.size >= SPARSE_MIN_SIZE and np.count_nonzero(w) <= SPARSE_DENSITY * w.size:
+                w = sp.coo_array(w)
+            if is_sparse(w):  # a sparse tensor from the nonzeros, no dense copy
+                coo = sp.coo_array(w)
                 index = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-                t = torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), w.shape, check_invariants=True).coalesce()
-                self.weights.append(t)
-                self.transposes.append(t.t().coalesce())
-                continue
-            sparse = w.size >= SPARSE_MIN_SIZE and np.count_nonzero(w) <= SPARSE_DENSITY * w.size
-            t = torch.from_numpy(w)
-            if sparse:
-                t = t.to_sparse()
+                t = torch.sparse_coo_tensor(index, torch.from_numpy(coo.data), w.shape, check_invariants=True)
+                t = t.coalesce()
                 self.weights.append(t)
                 self.transposes.append(t.t().coalesce())  # no dense transposed copy
             else:
+                t = torch.from_numpy(w)
                 self.weights.append(t)
                 self.transposes.append(t.T)
         self.biases = [torch.from_numpy(b)[:, None] for b in net.biases]

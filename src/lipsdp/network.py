@@ -18,7 +18,7 @@ import numpy as np
 
 from lipsdp.activations import Activation, GroupSort, Mixed, Reflect, activation
 from lipsdp.errors import InvalidNetworkError
-from lipsdp.weights import dense, entries, is_sparse, stored
+from lipsdp.weights import all_finite, dense, entries, is_sparse, stored
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Network:
             if entries(w) == 0:
                 raise InvalidNetworkError(f"layer {k}: weight matrix is empty (shape {w.shape})")
             w = stored(w)
-            if not np.all(np.isfinite(w.data if is_sparse(w) else w)):
+            if not all_finite(w):
                 raise InvalidNetworkError(f"layer {k}: weight matrix contains NaN or infinite values")
             b = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64).reshape(-1)
             if b.shape != (w.shape[0],):

@@ -7,7 +7,7 @@ import numpy as np
 from lipsdp import eliminate, reduced
 from lipsdp.lmi import sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
-from lipsdp.network import Network, dense_weights
+from lipsdp.network import Network
 
 
 def sequential(net: Network, **_: object) -> MethodOutput:
@@ -25,10 +25,8 @@ def sequential(net: Network, **_: object) -> MethodOutput:
         return _at_most_naive(net, verified_output(net, t, float("nan"), "ok", "numpy"))
     try:
         eliminated = reduced.plan(net)  # wide convolution layers: kept implicit (`lipsdp.reduced`)
-        if eliminated:
-            t = reduced.sequential_multipliers(net, eliminated)
-        else:
-            t = sequential_multipliers(dense_weights(net))
+        # (`lmi.sequential_multipliers` makes one CSR weight dense at a time)
+        t = reduced.sequential_multipliers(net, eliminated) if eliminated else sequential_multipliers(net)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
         t = None
     # raw: the certificate's own rho*(T) (its Schur recursion, once: on CNNs it costs a minute)
