@@ -86,6 +86,26 @@ def test_sequential_on_degenerate_one_input_nets(w0, w1, truth):
     assert truth <= upper <= lipsdp.estimate(net, "naive").upper * (1 + REL)
 
 
+@pytest.mark.parametrize(
+    "sizes,acts",
+    [([4, 9, 7, 3], "relu"), ([6, 12, 10, 8, 2], "relu"), ([5, 8, 8, 4], "leaky_relu:0.1"), ([3, 7, 6, 2], "tanh")],
+)
+def test_the_ray_scale_is_the_best_on_a_grid(sizes, acts):
+    """rho*(c T) along the ray of the layer-by-layer multipliers T: the scale `sequential` picks (the
+    low-rank Woodbury form of `lmi.best_ray_scale`) is at least as good as the best of 400 scales in
+    [1, 9] evaluated by the plain Schur recursion, and the bound is never looser than at c = 1."""
+    from lipsdp.lmi import schur_rho, sequential_multipliers
+    from lipsdp.reduced import along_ray
+
+    net = he_network(sizes, sum(sizes), acts, bias_scale=0.2)
+    t = sequential_multipliers(net)
+    grid = [r for c in np.linspace(1.0, 9.0, 400) if (r := schur_rho(net, c * t)) is not None]
+    best = schur_rho(net, along_ray(net, t))
+    assert best <= min(grid) * (1 + 1e-4)
+    assert best <= schur_rho(net, t) * (1 + 1e-9)
+    assert lipsdp.estimate(net, "sequential").upper == pytest.approx(np.sqrt(best), rel=1e-6)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sigmoid_slope_quarter(method):
     """f(x) = diag(3, 1) sigmoid(2 x): J = diag(6 s'(2x1), 2 s'(2x2)), max at 0 with s'(0) = 1/4: L = 1.5."""

@@ -17,6 +17,7 @@ from lipsdp.certificate import certify
 from lipsdp.lmi import schur_rho, sequential_multipliers
 from lipsdp.memory import block_entries
 from lipsdp.network import sparse_weights
+from lipsdp.reduced import along_ray
 
 # widths chosen so that min_width=1 eliminates layers 1 and 4 (each at least as wide as both neighbours)
 SIZES = [5, 12, 4, 6, 14, 3, 2]
@@ -107,6 +108,7 @@ def test_proven_bound_equals_the_full_path_and_bounds_the_truth(seed, monkeypatc
     exact = np.linalg.norm(np.linalg.multi_dot(ws[::-1]), 2)
     t = sequential_multipliers(net)
     full = certify(net, t)
+    along = certify(net, along_ray(net, t))  # what `sequential` proves: the multipliers scaled along their ray
     monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
     assert reduced.plan(net) == (1, 4)
     cert = certify(net, t)
@@ -115,7 +117,10 @@ def test_proven_bound_equals_the_full_path_and_bounds_the_truth(seed, monkeypatc
     res = lipsdp.estimate(net, method="sequential", lower=True)
     assert any("neurons eliminated from the LMI (order 18)" in n for n in res.notes)
     assert res.lower <= exact * (1 + 1e-12) <= res.upper
-    assert res.upper == pytest.approx(full.upper, rel=1e-6)
+    assert res.upper <= full.upper
+    assert res.upper == pytest.approx(along.upper, rel=1e-6)
+    # the scale found on F' (eliminated layers) is the one found on the full LMI
+    assert certify(net, along_ray(net, t, (1, 4))).upper == pytest.approx(along.upper, rel=1e-6)
 
 
 def test_plan_rules():

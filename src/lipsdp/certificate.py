@@ -48,7 +48,7 @@ from lipsdp.lmi import (
     sequential_multipliers,
 )
 from lipsdp.network import Network, dense_weights, sparse_weights
-from lipsdp.reduced import Reduction, plan, usable
+from lipsdp.reduced import Reduction, along_ray, plan, usable
 from lipsdp.reduced import schur_rho as reduced_schur_rho
 from lipsdp.reduced import sequential_multipliers as reduced_multipliers
 from lipsdp.weights import all_finite, most_per_column
@@ -369,6 +369,7 @@ def certify_or_repair(net: Network, t: np.ndarray | None) -> tuple[Certificate, 
     try:
         eliminated = plan(net)
         anchor = reduced_multipliers(net, eliminated) if eliminated else sequential_multipliers(net)
+        anchor = along_ray(net, anchor, eliminated)  # the greedy multipliers at their best scale
     except (np.linalg.LinAlgError, ValueError):
         anchor = None
     if anchor is not None and t is not None and np.all(np.isfinite(t)):

@@ -222,6 +222,56 @@ def block_schur_rho(f: BlockTridiagonal) -> float | None:
     return max(0.0, -float(lam))
 
 
+def best_ray_scale(f: BlockTridiagonal, w_last) -> float:
+    """The c >= 1 that minimises rho*(c T), from F = F(0, T) (blocks 0..l, l >= 1, hidden part definite) and
+    the last weight W_l; 1.0 when no larger c does better.
+
+    Every term of F(0, T) is linear in T except the last block's -W_l'W_l, so F(0, cT) / c = F(0, T) + beta
+    W_l'W_l on block l (beta = 1 - 1/c) and rho*(cT) = c rho_beta. That change has rank at most n_out: with
+    V = W_l' on block l and R the hidden part, Woodbury gives the Schur complement on block 0 as
+    S(beta) = S_0 + beta Y (I + beta K)^-1 Y', where Y = F_01 R^-1 V and K = V' R^-1 V come out of one
+    backward block recursion (R = U D U' with U unit block upper bidiagonal: K = sum_k y_k' D_k^-1 y_k for
+    U y = V), so each c costs one eigenvalue of order n_0. rho*(cT) is convex in c (F(rho, cT) is affine in
+    (rho, c), so its feasible set is convex): a bounded scalar search on log(c - 1) finds the minimum. An
+    estimate for choosing T: the bound is proved afterwards by `lipsdp.certificate`.
+    """
+    from scipy.optimize import minimize_scalar
+
+    v = dense(w_last).T  # n_l x n_out
+    y, k_mat, reduced = v, np.zeros((v.shape[1], v.shape[1])), None
+    for k in range(len(f.diag) - 1, 0, -1):
+        d = f.diag[k] if reduced is None else f.diag[k] - reduced
+        try:
+            low = sla.cholesky(d, lower=True, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return 1.0
+        del d
+        h_y = sla.solve_triangular(low, y, lower=True, check_finite=False)  # L_k^-1 y_k
+        k_mat += h_y.T @ h_y
+        h_u = sla.solve_triangular(low, f.upper[k - 1].T, lower=True, check_finite=False)  # L_k^-1 U_(k-1)'
+        del low
+        reduced = h_u.T @ h_u  # U_(k-1) D_k^-1 U_(k-1)'
+        y = -(h_u.T @ h_y)  # y_(k-1) = -U_(k-1) D_k^-1 y_k; after block 1, -Y
+        del h_u, h_y
+    s0 = f.diag[0] - reduced
+    del reduced
+
+    start = [None]  # the last eigenvector: neighbouring c have close ones, so Lanczos restarts from it
+
+    def rho_at(c: float) -> float:
+        beta = 1.0 - 1.0 / c
+        core = sla.cholesky(add_to_diagonal(beta * k_mat, 1.0), lower=True, check_finite=False)
+        z = sla.solve_triangular(core, y.T, lower=True, check_finite=False)
+        lam, start[0] = _lowest_eigenpair(s0, start[0], z * math.sqrt(beta))
+        return c * max(-lam, 0.0) if np.isfinite(lam) else math.inf
+
+    at_one = rho_at(1.0)
+    res = minimize_scalar(
+        lambda u: min(rho_at(1.0 + math.exp(u)), 1e300), bounds=(-9.0, 3.0), method="bounded", options={"xatol": 0.05}
+    )
+    return 1.0 + math.exp(res.x) if np.isfinite(at_one) and res.fun < at_one else 1.0
+
+
 def sequential_multipliers(net: Network) -> np.ndarray:
     """Multipliers T = tau_k I per layer, chosen one layer at a time; always strictly feasible.
 
@@ -304,6 +354,25 @@ def top_eigenvalue(m: np.ndarray) -> float:
         except ArpackError:  # no convergence, or a start in an invariant subspace (m = 0): LAPACK
             pass
     return float(sla.eigvalsh(0.5 * (m + m.T), subset_by_index=[n - 1] * 2, check_finite=False)[0])
+
+
+def _lowest_eigenpair(s: np.ndarray, start: np.ndarray | None, z: np.ndarray) -> tuple[float, np.ndarray]:
+    """The smallest eigenvalue of the symmetric s + z'z and its eigenvector: LAPACK below LANCZOS_MIN, else
+    Lanczos on the operator (never forming s + z'z) from `start` (deterministic for a given start) to a
+    relative 1e-10, LAPACK if ARPACK fails. An estimate, like `top_eigenvalue`."""
+    n = s.shape[0]
+    if n >= LANCZOS_MIN:
+        from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
+
+        op = LinearOperator((n, n), matvec=lambda v: s @ v.reshape(-1) + z.T @ (z @ v.reshape(-1)), dtype=s.dtype)
+        v0 = start if start is not None else np.ones(n) + 1e-3 * np.cos(np.arange(n))
+        try:
+            lam, vec = eigsh(op, k=1, which="SA", v0=v0, tol=1e-10)
+            return float(lam[0]), vec[:, 0]
+        except ArpackError:
+            pass
+    lam, vec = sla.eigh(0.5 * (s + s.T) + z.T @ z, subset_by_index=[0, 0], check_finite=False)
+    return float(lam[0]), vec[:, 0]
 
 
 def _next_quadratic_form(x: np.ndarray, w: np.ndarray, d: np.ndarray, ab: np.ndarray, tau: float) -> np.ndarray:

@@ -66,6 +66,7 @@ from lipsdp import eliminate
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
+from lipsdp.reduced import along_ray
 from lipsdp.weights import dense
 
 log = logging.getLogger(__name__)
@@ -689,13 +690,13 @@ def _with_margin(net: Network) -> Network:
 
 
 def _feasible_start(net: Network, net_b: Network, net_m: Network, bal: Balancing) -> np.ndarray | None:
-    """Multipliers t' for the margin network `net_m`: the balanced layer-by-layer multipliers (the better
-    of those of the net and of the balanced net) times (1 - MARGIN), doubled if needed until the hidden
+    """Multipliers t' for the margin network `net_m`: the balanced layer-by-layer multipliers at their best
+    scale (`reduced.along_ray`; the better of those of the net and of the balanced net) times (1 - MARGIN), doubled if needed until the hidden
     block is positive definite."""
     best, best_rho = None, math.inf
     for make in (
-        lambda: bal.multipliers(net, sequential_multipliers(net)),
-        lambda: sequential_multipliers(net_b),
+        lambda: bal.multipliers(net, along_ray(net, sequential_multipliers(net))),
+        lambda: along_ray(net_b, sequential_multipliers(net_b)),
     ):
         try:
             with np.errstate(all="ignore"):

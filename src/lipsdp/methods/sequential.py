@@ -1,4 +1,4 @@
-"""Layer-by-layer bound: closed-form multipliers, linear cost in depth, no SDP solver."""
+"""Layer-by-layer bound: closed-form multipliers and their best scale, linear cost in depth, no SDP solver."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from lipsdp.network import Network
 
 
 def sequential(net: Network, **_: object) -> MethodOutput:
-    """Verified upper bound from per-layer multipliers chosen greedily (`lmi.sequential_multipliers`).
+    """Verified upper bound from per-layer multipliers chosen greedily (`lmi.sequential_multipliers`) and
+    then scaled along their ray to the best rho (`reduced.along_ray`).
 
     Looser than LipSDP-Neuron, never looser than the naive product; cost O(sum n_k^3). With slopes
     [-1, 1] (|.|, the norm-preserving layers) its layers decouple and the greedy multipliers reach the
@@ -27,6 +28,7 @@ def sequential(net: Network, **_: object) -> MethodOutput:
         eliminated = reduced.plan(net)  # wide convolution layers: kept implicit (`lipsdp.reduced`)
         # (`lmi.sequential_multipliers` makes one CSR weight dense at a time)
         t = reduced.sequential_multipliers(net, eliminated) if eliminated else sequential_multipliers(net)
+        t = reduced.along_ray(net, t, eliminated)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
         t = None
     # raw: the certificate's own rho*(T) (its Schur recursion, once: on CNNs it costs a minute)
