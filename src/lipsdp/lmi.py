@@ -357,11 +357,12 @@ def top_eigenvalue(m: np.ndarray) -> float:
 
 
 def _lowest_eigenpair(s: np.ndarray, start: np.ndarray | None, z: np.ndarray) -> tuple[float, np.ndarray]:
-    """The smallest eigenvalue of the symmetric s + z'z and its eigenvector: LAPACK below LANCZOS_MIN, else
-    Lanczos on the operator (never forming s + z'z) from `start` (deterministic for a given start) to a
-    relative 1e-10, LAPACK if ARPACK fails. An estimate, like `top_eigenvalue`."""
+    """The smallest eigenvalue of the symmetric s + z'z and its eigenvector: LAPACK below order 256, else
+    Lanczos on the operator (never forming s + z'z) from `start` (deterministic for a given start; a close
+    start, the last trial's vector, converges in a few dozen products) to a relative 1e-10, LAPACK if ARPACK
+    fails. An estimate, like `top_eigenvalue`."""
     n = s.shape[0]
-    if n >= LANCZOS_MIN:
+    if n >= 256:
         from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 
         op = LinearOperator((n, n), matvec=lambda v: s @ v.reshape(-1) + z.T @ (z @ v.reshape(-1)), dtype=s.dtype)
