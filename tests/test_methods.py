@@ -88,7 +88,14 @@ def test_sequential_on_degenerate_one_input_nets(w0, w1, truth):
 
 @pytest.mark.parametrize(
     "sizes,acts",
-    [([4, 9, 7, 3], "relu"), ([6, 12, 10, 8, 2], "relu"), ([5, 8, 8, 4], "leaky_relu:0.1"), ([3, 7, 6, 2], "tanh")],
+    [
+        ([4, 9, 7, 3], "relu"),
+        ([6, 12, 10, 8, 2], "relu"),
+        ([5, 8, 8, 4], "leaky_relu:0.1"),
+        ([3, 7, 6, 2], "tanh"),
+        ([4, 6, 3, 9], "relu"),  # an output wider than the last hidden layer
+        ([300, 40, 30, 5], "relu"),  # an input block of order >= 256: warm-started Lanczos
+    ],
 )
 def test_the_ray_scale_is_the_best_on_a_grid(sizes, acts):
     """rho*(c T) along the ray of the layer-by-layer multipliers T: the scale `sequential` picks (the

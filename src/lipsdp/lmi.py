@@ -25,7 +25,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from lipsdp.network import Network
-from lipsdp.weights import all_finite, dense
+from lipsdp.weights import all_finite, dense, gram
 
 
 def split_multipliers(net: Network, t: np.ndarray) -> list[np.ndarray]:
@@ -228,7 +228,7 @@ def best_ray_scale(f: BlockTridiagonal, w_last) -> float:
 
     Every term of F(0, T) is linear in T except the last block's -W_l'W_l, so F(0, cT) / c = F(0, T) + beta
     W_l'W_l on block l (beta = 1 - 1/c) and rho*(cT) = c rho_beta. That change has rank at most n_out: with
-    V = W_l' on block l and R the hidden part, Woodbury gives the Schur complement on block 0 as
+    V V' = W_l'W_l on block l (V = W_l', or a square factor when the output is wider) and R the hidden part, Woodbury gives the Schur complement on block 0 as
     S(beta) = S_0 + beta Y (I + beta K)^-1 Y', where Y = F_01 R^-1 V and K = V' R^-1 V come out of one
     backward block recursion (R = U D U' with U unit block upper bidiagonal: K = sum_k y_k' D_k^-1 y_k for
     U y = V), so each c costs one eigenvalue of order n_0. rho*(cT) is convex in c (F(rho, cT) is affine in
@@ -237,7 +237,14 @@ def best_ray_scale(f: BlockTridiagonal, w_last) -> float:
     """
     from scipy.optimize import minimize_scalar
 
-    v = dense(w_last).T  # n_l x n_out
+    if len(f.diag) < 2:
+        return 1.0
+    rows, cols = w_last.shape
+    if rows <= cols:
+        v = dense(w_last).T  # V V' = W_l'W_l, n_l x n_out
+    else:  # a wide output (a part ending in a convolution): a square factor, rank n_l at most
+        lam, q = np.linalg.eigh(gram(w_last, np.ones(rows)))
+        v = q * np.sqrt(np.clip(lam, 0.0, None))[None, :]
     y, k_mat, reduced = v, np.zeros((v.shape[1], v.shape[1])), None
     for k in range(len(f.diag) - 1, 0, -1):
         d = f.diag[k] if reduced is None else f.diag[k] - reduced
@@ -254,6 +261,7 @@ def best_ray_scale(f: BlockTridiagonal, w_last) -> float:
         y = -(h_u.T @ h_y)  # y_(k-1) = -U_(k-1) D_k^-1 y_k; after block 1, -Y
         del h_u, h_y
     s0 = f.diag[0] - reduced
+    s0 = 0.5 * (s0 + s0.T)
     del reduced
 
     start = [None]  # the last eigenvector: neighbouring c have close ones, so Lanczos restarts from it
@@ -372,7 +380,7 @@ def _lowest_eigenpair(s: np.ndarray, start: np.ndarray | None, z: np.ndarray) ->
             return float(lam[0]), vec[:, 0]
         except ArpackError:
             pass
-    lam, vec = sla.eigh(0.5 * (s + s.T) + z.T @ z, subset_by_index=[0, 0], check_finite=False)
+    lam, vec = sla.eigh(s + z.T @ z, subset_by_index=[0, 0], check_finite=False)
     return float(lam[0]), vec[:, 0]
 
 
