@@ -691,8 +691,8 @@ def _with_margin(net: Network) -> Network:
 
 def _feasible_start(net: Network, net_b: Network, net_m: Network, bal: Balancing) -> np.ndarray | None:
     """Multipliers t' for the margin network `net_m`: the balanced layer-by-layer multipliers at their best
-    scale (`reduced.along_ray`; the better of those of the net and of the balanced net) times (1 - MARGIN), doubled if needed until the hidden
-    block is positive definite."""
+    scale (`reduced.along_ray`; the better of those of the net and of the balanced net) times (1 - MARGIN),
+    doubled if needed until the hidden block is positive definite."""
     best, best_rho = None, math.inf
     for make in (
         lambda: bal.multipliers(net, along_ray(net, sequential_multipliers(net))),
