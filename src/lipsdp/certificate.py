@@ -275,7 +275,8 @@ def certify(net: Network, t: np.ndarray | None) -> Certificate | None:
     # larger one. On a large LMI the given T first up to 1e-4 (the bound within 5e-5 of sqrt(rho*)): each
     # other recipe costs minutes and GBs of formed blocks there, and on CNNs a failure means that
     # lambda_min(F) grows slowly with rho, which the other recipes do not change (the cifar10_2_255-shaped
-    # net is proved at 1e-5 with the given T, after failing at 1e-8 and 1e-6).
+    # net's unscaled greedy T was proved at 1e-5 after failing at 1e-8 and 1e-6; scaled along its ray,
+    # `reduced.along_ray`, it and the ConvBig-shaped net's are proved at the first try).
     schedule = [(inflations[0], 0)] + [(x, k) for x in inflations[1:] for k in range(len(recipes))]
     if large:
         first = [(x, 0) for x in inflations if x <= LARGE_FIRST_INFLATION]
