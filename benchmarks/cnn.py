@@ -3,7 +3,7 @@ and peak memory, and the VNN-LIB properties it certifies.
 
     python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool]
                              [--tiers naive sequential anytime] [--bounds global local] [--budget 240]
-                             [--timeout 600] [--cnn DIR] [--props DIR]
+                             [--timeout 600] [--cnn DIR] [--props DIR] [--device cpu|cuda]
 
 `--cnn DIR` reads the nets (NAME.onnx) from another folder, e.g. further VNN-COMP CNNs; a net with no
 VNN-LIB folder (`--props DIR`/<its benchmark>, or DIR/NAME) gets its global bound only (`lipsdp estimate`),
@@ -19,7 +19,9 @@ used. "beyond any Lipschitz margin": properties for which a secant of some f_lab
 is already steeper than margin / radius, so that no Lipschitz bound can certify them
 (`lipsdp.robustness.secant_floors`; local solves are skipped there). "lower" is the largest Jacobian norm
 `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps), in its own process; it bounds the global L
-from below.
+from below. `--device` runs the anytime tier's descent there ('cuda' on a GPU; the default is the method's:
+CUDA when available); "GPU MiB" is then torch's peak allocation on the card (the certificate is always
+proved in float64 on the CPU).
 """
 
 from __future__ import annotations
@@ -44,18 +46,28 @@ def _properties(props_dir: Path, net: str) -> list[Path]:
     return sorted(folder.glob("*.vnnlib")) if folder.is_dir() else []
 
 
-def _certify(cnn: Path, props_dir: Path, net: str, tier: str, bound: str, budget: float, queue) -> None:
+def _gpu_peak() -> float | None:
+    """torch's peak allocation on the GPU in MiB, or None when CUDA was not used."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2.0**20
+
+
+def _certify(cnn: Path, props_dir: Path, net: str, tier: str, bound: str, budget: float, device: str | None,
+             queue) -> None:
     from lipsdp.robustness import certify_properties
 
     props = _properties(props_dir, net)
-    options = {"budget": budget} if tier == "anytime" else {}
+    options = {"budget": budget, "device": device} if tier == "anytime" else {}
     start = time.perf_counter()
     if not props:
         import lipsdp
 
         result = lipsdp.estimate(cnn / f"{net}.onnx", method=tier, **options)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        queue.put((result.upper, time.perf_counter() - start, peak, None, None, 0))
+        queue.put((result.upper, time.perf_counter() - start, peak, _gpu_peak(), None, None, 0))
         return
     results = certify_properties(cnn / f"{net}.onnx", props, method=tier, bound=bound, **options)
     seconds = time.perf_counter() - start
@@ -63,7 +75,7 @@ def _certify(cnn: Path, props_dir: Path, net: str, tier: str, bound: str, budget
     upper = max(bounds) / (math.sqrt(2.0) if bound == "global" else 1.0) if bounds else float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     beyond = sum(r.beyond_reach is not None for r in results)
-    queue.put((upper, seconds, peak, sum(r.certified for r in results), beyond, len(results)))
+    queue.put((upper, seconds, peak, _gpu_peak(), sum(r.certified for r in results), beyond, len(results)))
 
 
 def _lower(cnn: Path, net: str, queue) -> None:
@@ -85,12 +97,14 @@ def main() -> None:
     parser.add_argument("--lower-timeout", type=float, default=300.0)
     parser.add_argument("--cnn", type=Path, default=CNN, help="folder of the nets (NAME.onnx)")
     parser.add_argument("--props", type=Path, default=PROPS, help="folder of the VNN-LIB folders")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where the anytime tier runs (default: CUDA when available)")
     args = parser.parse_args()
     if not args.cnn.is_dir():
         raise SystemExit(f"{args.cnn} is absent")
-    print("| net | tier | bound | verified L | lower | L / lower | s (bound + certification) | peak MiB | certified "
-          "| beyond any Lipschitz margin |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| net | tier | bound | verified L | lower | L / lower | s (bound + certification) | peak MiB | GPU MiB "
+          "| certified | beyond any Lipschitz margin |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for net in args.nets:
         low = run_spawned(_lower, (args.cnn, net), args.lower_timeout)
         lower = low[0] if low else float("nan")
@@ -98,15 +112,18 @@ def main() -> None:
             for bound in args.bounds:
                 if bound == "local" and not _properties(args.props, net):
                     continue  # a local bound needs the properties' boxes
-                out = run_spawned(_certify, (args.cnn, args.props, net, tier, bound, args.budget), args.timeout)
+                task = (args.cnn, args.props, net, tier, bound, args.budget, args.device)
+                out = run_spawned(_certify, task, args.timeout)
                 row = f"| {net} | {tier} | {bound} | "
                 if out is None:
-                    print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - |", flush=True)
+                    print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - | - |", flush=True)
                     continue
-                upper, seconds, peak, certified, beyond, total = out
+                upper, seconds, peak, gpu, certified, beyond, total = out
                 ratio = f"{upper / lower:.3g}" if bound == "global" else "-"
                 counts = f"{certified}/{total} | {beyond}/{total}" if total else "- | -"
-                print(row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {counts} |", flush=True)
+                gpu_mib = "-" if gpu is None else f"{gpu:.0f}"
+                print(row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {gpu_mib} | {counts} |",
+                      flush=True)
 
 if __name__ == "__main__":
     main()
