@@ -26,9 +26,10 @@ def test_an_eliminated_wide_layer_is_not_counted():
     assert memory.block_entries(net) == 9 * 9 + 2048 * 9  # the reduced matrix and the weights, no 2048^2
 
 
-def test_only_sequential_is_estimated_on_the_reduced_lmi(monkeypatch):
-    """Wide ReLU layers eliminated (`lipsdp.reduced`) shrink sequential's estimate only: the other dense
-    methods optimise the full LMI and are refused where it cannot fit."""
+def test_only_sequential_and_anytime_are_estimated_on_the_reduced_lmi(monkeypatch):
+    """Wide ReLU layers eliminated (`lipsdp.reduced`) shrink the estimate of sequential and anytime only
+    (both run on the reduced LMI there): the other dense methods optimise the full LMI and are refused where
+    it cannot fit."""
     from lipsdp import reduced
 
     monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
@@ -38,8 +39,10 @@ def test_only_sequential_is_estimated_on_the_reduced_lmi(monkeypatch):
     assert kept == 16 + 9 + 12 < full
     monkeypatch.setenv("LIPSDP_MEMORY_GIB", str(memory.PEAK_FACTOR * 8.0 * (kept + full) / 2 / 2**30))
     memory.check_fits(net, "sequential")
-    with pytest.raises(lipsdp.LipSDPError, match="widest layer: 60 neurons"):
-        memory.check_fits(net, "anytime")
+    memory.check_fits(net, "anytime")
+    for method in ("layer", "neuron"):
+        with pytest.raises(lipsdp.LipSDPError, match="widest layer: 60 neurons"):
+            memory.check_fits(net, method)
 
 
 @pytest.mark.parametrize("method", ["sequential", "anytime", "layer", "neuron"])

@@ -207,3 +207,31 @@ def test_term_count_covers_every_entry_of_a_sparse_net():
         worst = max(worst, int((nz[j - 1].T @ nz[j].T).max()))
     assert worst <= red.inner - 8
     assert red.inner < 30 + 40
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("eliminate", [True, False])
+def test_gradient_of_rho_matches_central_differences(seed, eliminate):
+    """`Reduction.rho_gradient` (envelope theorem, eliminated layers' part of the minimiser solved from their
+    diagonal blocks) against central differences of rho*(T) on the full LMI (`lmi.schur_rho`), with layers
+    eliminated and without."""
+    net = he_network(SIZES, seed, MIXED)
+    gone = reduced.plan(net, min_width=1) if eliminate else ()
+    rng = np.random.default_rng(seed)
+    t = sequential_multipliers(net) * np.exp(rng.uniform(0.0, 0.5, net.n_neurons))
+    rho, grad, top = reduced.Reduction(net, gone).rho_gradient(t)
+    assert rho == pytest.approx(schur_rho(net, t), rel=1e-10)
+    assert top.shape == (net.sizes[0],) and np.linalg.norm(top) == pytest.approx(1.0)
+    for i in range(net.n_neurons):
+        step = np.zeros(net.n_neurons)
+        step[i] = 1e-6 * t[i]
+        numeric = (schur_rho(net, t + step) - schur_rho(net, t - step)) / (2e-6 * t[i])
+        assert grad[i] == pytest.approx(numeric, rel=1e-5, abs=1e-7 * np.max(np.abs(grad)))
+
+
+def test_rho_gradient_is_none_outside_the_domain():
+    """Multipliers too small for the last layer leave the hidden blocks indefinite: no bound, no gradient."""
+    net = he_network(SIZES, 0, "relu")
+    t = 1e-6 * sequential_multipliers(net)
+    assert schur_rho(net, t) is None
+    assert reduced.Reduction(net, reduced.plan(net, min_width=1)).rho_gradient(t) is None

@@ -222,6 +222,35 @@ def block_schur_rho(f: BlockTridiagonal) -> float | None:
     return max(0.0, -float(lam))
 
 
+def schur_top_pair(f: BlockTridiagonal, start: np.ndarray | None = None) -> tuple[float, list[np.ndarray]] | None:
+    """rho* (as `block_schur_rho`) with the minimiser of z'F(0)z over unit z_0: [z_0, z_1, ..., z_m], z_0
+    the eigenvector of the Schur complement S_0 for its smallest eigenvalue and z_k = -D_k^-1 U_(k-1)' z_(k-1)
+    (D_k the backward recursion's complements), so z'F(0)z = -rho*. None when blocks 1.. are not
+    (numerically) positive definite. `start`: a Lanczos start for z_0 (the last call's, when T moved little).
+    For a simple top eigenvalue, d rho* / d theta = -z' (dF(0) / d theta) z (envelope theorem)."""
+    m = len(f.diag) - 1
+    lows: list[np.ndarray | None] = [None] * (m + 1)
+    reduced = None
+    for k in range(m, 0, -1):
+        d = f.diag[k] if reduced is None else f.diag[k] - reduced
+        try:
+            lows[k] = sla.cholesky(d, lower=True, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        del d
+        reduced = gram_through(lows[k], f.upper[k - 1].T)  # U_(k-1) D_k^-1 U_(k-1)'
+    s0 = f.diag[0] if reduced is None else f.diag[0] - reduced
+    del reduced
+    lam, u = _lowest_eigenpair(0.5 * (s0 + s0.T), start, np.zeros((0, s0.shape[0])))
+    if not np.isfinite(lam) or not np.all(np.isfinite(u)):
+        return None
+    zs = [u / np.linalg.norm(u)]
+    for k in range(1, m + 1):
+        rhs = f.upper[k - 1].T @ zs[-1]
+        zs.append(-sla.cho_solve((lows[k], True), rhs, check_finite=False))
+    return max(0.0, -float(lam)), zs
+
+
 def best_ray_scale(f: BlockTridiagonal, w_last) -> float:
     """The c >= 1 that minimises rho*(c T), from F = F(0, T) (blocks 0..l, l >= 1, hidden part definite) and
     the last weight W_l; 1.0 when no larger c does better.

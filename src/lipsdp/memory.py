@@ -27,6 +27,7 @@ from lipsdp.network import Network
 
 PEAK_FACTOR = 8.5  # peak bytes / (8 bytes x entries of the dense blocks), above every measured ratio
 DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-dense"})
+REDUCING_METHODS = frozenset({"sequential", "anytime"})  # those that never form an eliminated layer's blocks
 
 
 def block_entries(net: Network, reduces: bool = True) -> int:
@@ -69,8 +70,8 @@ def check_fits(net: Network, method: str) -> None:
     available = available_bytes()
     if available is None:
         return
-    # only `sequential` runs on the reduced LMI; the other methods optimise the full one
-    need = PEAK_FACTOR * 8.0 * block_entries(net, reduces=str(method).strip().lower() == "sequential")
+    # `sequential` and `anytime` run on the reduced LMI; the other methods optimise the full one
+    need = PEAK_FACTOR * 8.0 * block_entries(net, reduces=str(method).strip().lower() in REDUCING_METHODS)
     if need <= available:
         return
     widest = max(range(len(net.sizes) - 1), key=lambda k: net.sizes[k])
