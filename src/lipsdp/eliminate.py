@@ -22,12 +22,12 @@ n1 terms of at most four factors (1/t_i rounded once), so |fl(S) - S| <= g_{n1+6
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import scipy.linalg as sla
 
 from lipsdp.certificate import RHO_INFLATIONS, Certificate, LmiForms, prove_forms_positive_definite
+from lipsdp.descent import Evaluation, LogDescent
 from lipsdp.lmi import BlockTridiagonal, add_to_diagonal
 from lipsdp.network import Network
 
@@ -185,32 +185,15 @@ def neuron_multipliers(net: Network, t0: np.ndarray, deadline: float) -> tuple[n
     """Per-neuron T by L-BFGS on log t from t0 (rho* and its gradient by Lanczos on the operator), until
     converged or past `deadline` (time.perf_counter()). Returns the best T seen (never worse than t0) and
     the number of evaluations."""
-    from scipy.optimize import minimize
-
     red = Reduced(net)
     start = red.rho(t0)
     if start is None:
         return t0, 0
-    best = {"rho": start[0], "t": t0.copy(), "v": start[1], "evals": 0}
 
-    class _Stop(Exception):
-        pass
+    def evaluate(t: np.ndarray, v0: np.ndarray | None) -> Evaluation:
+        out = red.rho(t, v0)
+        return None if out is None else (out[0], red.gradient(t, out[1]), out[1])
 
-    def fun(s: np.ndarray) -> tuple[float, np.ndarray]:
-        if time.perf_counter() > deadline:
-            raise _Stop
-        t = np.exp(s)
-        out = red.rho(t, best["v"])
-        best["evals"] += 1
-        if out is None:  # R not definite: a wall the line search backs away from
-            return 10.0 * best["rho"], np.zeros_like(s)
-        rho, v = out
-        if rho < best["rho"]:
-            best.update(rho=rho, t=t, v=v)
-        return rho, t * red.gradient(t, v)
-
-    try:
-        minimize(fun, np.log(t0), jac=True, method="L-BFGS-B", options={"maxiter": 10_000, "gtol": 1e-12})
-    except _Stop:
-        pass
-    return best["t"], best["evals"]
+    descent = LogDescent(evaluate, t0, (start[0], np.zeros(0), start[1]), deadline, logarithmic=False)
+    descent.run(10_000, options={"gtol": 1e-12})
+    return descent.best_t, descent.evaluations - 1

@@ -69,6 +69,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lipsdp import eliminate, reduced
+from lipsdp.descent import OPTIONS as DESCENT_OPTIONS
+from lipsdp.descent import LogDescent
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
 from lipsdp.network import Network
@@ -573,10 +575,6 @@ def _eliminated(net: Network, start: float, budget: float | None) -> MethodOutpu
     return verified_output(net, t, float("nan"), "ok", "numpy-lanczos", [note])
 
 
-class _Stop(Exception):
-    """The budget (time or evaluations) of a scipy descent is used up."""
-
-
 def _on_reduced_lmi(net: Network, gone: tuple[int, ...], start: float, budget: float | None, steps: int | None,
                     tol: float) -> MethodOutput:
     """Wide ReLU layers eliminated from the LMI (`lipsdp.reduced`): L-BFGS on log rho*(T) over log t, rho* and
@@ -586,8 +584,6 @@ def _on_reduced_lmi(net: Network, gone: tuple[int, ...], start: float, budget: f
     The same start (the layer-by-layer multipliers at their best scale) and margin as the dense descent;
     `steps` caps the L-BFGS iterations. The best iterate is certified, and the start too should that proof
     come out looser than the start's own bound would be, so the result is never looser than `sequential`."""
-    from scipy.optimize import minimize
-
     try:
         t_start = reduced.along_ray(net, reduced.sequential_multipliers(net, gone), gone)
     except (np.linalg.LinAlgError, ValueError):  # a singular quadratic form: verified_output falls back
@@ -604,53 +600,23 @@ def _on_reduced_lmi(net: Network, gone: tuple[int, ...], start: float, budget: f
     if first is None:
         return verified_output(net, t_start, float("nan"), "ok", "numpy-lanczos", ["no feasible start"])
     deadline = start + budget if budget is not None else math.inf
-    best = {"rho": first[0], "t": t0, "v": first[2], "evals": 1}
-
-    def objective(s: np.ndarray) -> tuple[float, np.ndarray]:
-        if time.perf_counter() > deadline:
-            raise _Stop
-        t = np.exp(s)
-        out = red.rho_gradient(t, best["v"])
-        best["evals"] += 1
-        if out is None or not out[0] > 0.0:  # outside the domain: a wall the line search backs away from
-            return math.log(best["rho"]) + 1.0, np.zeros_like(s)
-        rho, grad, v = out
-        if rho < best["rho"]:
-            best.update(rho=rho, t=t, v=v)
-        return math.log(rho), t * grad / rho
-
-    def descend(fun, x0: np.ndarray, iterations: int | None) -> None:
-        if iterations == 0:
-            return
-        options = {"maxiter": iterations or 10**6, "ftol": tol, "gtol": 1e-14, "maxcor": LBFGS_MEMORY}
-        try:
-            minimize(fun, x0, jac=True, method="L-BFGS-B", options=options)
-        except _Stop:
-            pass
-
+    descent = LogDescent(red.rho_gradient, t0, first, deadline)
+    options = {**DESCENT_OPTIONS, "ftol": tol}
     tied = _channel_groups(net)
+    tied_steps = 0 if steps is None or tied is None else int(TIED_FRACTION * steps)
     phases = []
     if tied is not None:
-        groups, n_groups = tied
-        s0 = np.log(t0)
         phase_end = start + TIED_FRACTION * budget if budget is not None else math.inf
-
-        def on_channels(x: np.ndarray) -> tuple[float, np.ndarray]:
-            if time.perf_counter() > phase_end:
-                raise _Stop
-            value, grad = objective(s0 + x[groups])
-            return value, np.bincount(groups, weights=grad, minlength=n_groups)
-
-        descend(on_channels, np.zeros(n_groups), None if steps is None else int(TIED_FRACTION * steps))
-        phases.append(f"first on one multiplier per channel ({n_groups} variables), then per neuron")
-    tied_steps = 0 if steps is None or tied is None else int(TIED_FRACTION * steps)
-    descend(objective, np.log(best["t"]), None if steps is None else max(steps - tied_steps, 0))
+        descent.run(None if steps is None else tied_steps, tied, phase_end, options)
+        phases.append(f"first on one multiplier per channel ({tied[1]} variables), then per neuron")
+    descent.run(None if steps is None else max(steps - tied_steps, 0), options=options)
     seconds = time.perf_counter() - start
-    notes = [f"{best['evals']} bound evaluations on the reduced LMI (L-BFGS, cpu) in {seconds:.1f} s"] + phases
-    raw = math.sqrt(best["rho"])
-    if best["t"] is t0:
+    notes = [f"{descent.evaluations} bound evaluations on the reduced LMI (L-BFGS, cpu) in {seconds:.1f} s"]
+    notes += phases
+    raw = math.sqrt(descent.best_rho)
+    if descent.best_t is t0:
         return verified_output(net, t_start, float("nan"), "ok", "numpy-lanczos", notes)
-    out = verified_output(net, best["t"] / (1.0 - MARGIN), raw, "ok", "numpy-lanczos", notes)
+    out = verified_output(net, descent.best_t / (1.0 - MARGIN), raw, "ok", "numpy-lanczos", notes)
     if out.upper > raw * (1.0 + 1e-3) or out.upper > math.sqrt(first[0]):
         fallback = verified_output(net, t_start, float("nan"), "ok", "numpy-lanczos", notes)
         if fallback.upper < out.upper:
@@ -671,7 +637,8 @@ def anytime(
     """First-order LipSDP-Neuron within a time `budget` (seconds; None: no time limit) or a number of
     quasi-Newton `steps` (None: no limit). Verified upper bound at any stopping time.
 
-    device: 'cpu', 'cuda', or None for CUDA when available. The result is at least as tight as the
+    device: 'cpu', 'cuda', or None for CUDA when available (a net with wide layers eliminated from the LMI,
+    `lipsdp.reduced`, descends on the reduced LMI on the CPU; the notes say so). The result is at least as tight as the
     layer-by-layer bound it starts from and approaches the LipSDP-Neuron optimum with more budget; it uses
     the whole budget unless it has converged. `seed` fixes torch's generator (the method itself is
     deterministic). The notes record the steps taken and why it stopped."""
