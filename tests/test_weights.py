@@ -82,11 +82,12 @@ def test_a_cifar_sized_convolution_is_read_as_csr_without_a_dense_matrix(tmp_pat
                        atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["naive", "sequential", "neuron"])
+@pytest.mark.parametrize("method", ["naive", "sequential", "neuron", "anytime"])
 def test_a_cnn_with_csr_weights_gets_the_dense_bounds(tmp_path, monkeypatch, method):
     """Every weight of the small CNN as CSR (threshold lowered) or dense: the same verified bound (sums in
     another order: equal to rounding), the same hash, and a certificate `lipsdp verify` accepts; sequential
-    also with its wide layer eliminated (`lipsdp.reduced`)."""
+    and anytime also with its wide layer eliminated (`lipsdp.reduced`; anytime then descends on the reduced
+    LMI with the CSR weights as they are)."""
     monkeypatch.setattr(weights, "SPARSE_MIN_ENTRIES", 1)
     path = tmp_path / "cnn.onnx"
     torch.onnx.export(cnn(), (torch.zeros(1, 2, 12, 12, dtype=torch.float64),), str(path), dynamo=False)
@@ -96,8 +97,9 @@ def test_a_cnn_with_csr_weights_gets_the_dense_bounds(tmp_path, monkeypatch, met
     assert not any(sp.issparse(w) for w in dense_net.weights)
     assert network_sha256(net) == network_sha256(dense_net)
     lower = lower_bound(net).value  # on the CSR weights (sparse torch products)
-    on_csr = lipsdp.estimate(net, method)
-    on_dense = lipsdp.estimate(dense_net, method)
+    options = {"budget": None, "steps": 20} if method == "anytime" else {}
+    on_csr = lipsdp.estimate(net, method, **options)
+    on_dense = lipsdp.estimate(dense_net, method, **options)
     assert lower <= on_csr.upper == pytest.approx(on_dense.upper, rel=1e-9)
     assert verify(on_csr.save_certificate(tmp_path / "cert.json"), path).accepted
     if method == "sequential":
@@ -106,3 +108,10 @@ def test_a_cnn_with_csr_weights_gets_the_dense_bounds(tmp_path, monkeypatch, met
         eliminated = lipsdp.estimate(net, method)
         assert any("eliminated" in note for note in eliminated.notes)
         assert eliminated.upper == pytest.approx(on_dense.upper, rel=1e-6)
+    if method == "anytime":
+        monkeypatch.setattr(reduced, "MIN_WIDTH", 1)
+        sequential = lipsdp.estimate(net, "sequential").upper
+        on_reduced = lipsdp.estimate(net, method, **options)
+        assert any("on the reduced LMI" in note for note in on_reduced.notes)
+        assert lower <= on_reduced.upper <= sequential
+        assert verify(on_reduced.save_certificate(tmp_path / "reduced.json"), path).accepted

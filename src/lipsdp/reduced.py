@@ -124,7 +124,11 @@ class Reduction:
             if p - 1 in gone:  # - 1/2 diag(c_p t_p) W_j diag(1/t_j) W_j' diag(c_p t_p)
                 j, ct = p - 1, cs[p] * ts[p]
                 inv = 1.0 / ts[j]
-                block -= (0.5 * ct)[:, None] * cogram(ws[j], inv) * ct[None, :]
+                term = cogram(ws[j], inv)  # scaled in place: the same floats, no n_p x n_p temporaries
+                term *= (0.5 * ct)[:, None]
+                term *= ct[None, :]
+                block -= term
+                del term
                 act = np.abs(ct)
                 row = row + 0.5 * act * (aws[j] @ (inv * (aws[j].T @ act)))
             if p > 0:
@@ -165,7 +169,7 @@ class Reduction:
         x_j = c_j (W_(j-1) x_(j-1)) / 2 + W_j'(c_(j+1) t_(j+1) x_(j+1)) / (2 t_j). Only products with the
         (sparse) weights: no eliminated block is formed. An estimate that steers the descent, not a proof."""
         net = self.net
-        pair = schur_top_pair(self.forms(t)[0], start)
+        pair = schur_top_pair(self.forms(t)[0], start, consume=True)
         if pair is None:
             return None
         rho, zs = pair

@@ -124,7 +124,7 @@ def get_method(name: str) -> Callable[..., MethodOutput]:
 
 
 # Methods that take a network with CSR weights (`lipsdp.weights`) as it is: the others get dense copies.
-SPARSE_AWARE = frozenset({"naive", "sequential"})
+SPARSE_AWARE = frozenset({"naive", "sequential", "anytime"})
 
 
 def _on_dense_weights(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:

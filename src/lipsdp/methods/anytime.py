@@ -73,7 +73,7 @@ from lipsdp.descent import OPTIONS as DESCENT_OPTIONS
 from lipsdp.descent import LogDescent
 from lipsdp.lmi import Balancing, schur_rho, sequential_multipliers
 from lipsdp.methods import MethodOutput, verified_output
-from lipsdp.network import Network
+from lipsdp.network import Network, dense_weights
 from lipsdp.weights import dense
 
 log = logging.getLogger(__name__)
@@ -649,11 +649,12 @@ def anytime(
         from lipsdp.methods.sequential import sequential
 
         return sequential(net)
+    gone = reduced.plan(net)
+    if gone:  # on the reduced LMI, with the unrolled convolutions kept sparse (CSR)
+        return _on_reduced_lmi(net, gone, start, budget, steps, tol)
+    net = dense_weights(net)  # the dense descent, and one wide layer's elimination, work on dense weights
     if eliminate.applies(net):
         return _eliminated(net, start, budget)
-    gone = reduced.plan(net)
-    if gone:
-        return _on_reduced_lmi(net, gone, start, budget, steps, tol)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
