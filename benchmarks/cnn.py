@@ -116,14 +116,15 @@ def main() -> None:
                 out = run_spawned(_certify, task, args.timeout)
                 row = f"| {net} | {tier} | {bound} | "
                 if out is None:
-                    print(row + f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - | - |", flush=True)
+                    missing = f"no answer in {args.timeout:.0f} s | {lower:.4g} | - | - | - | - | - | - |"
+                    print(row + missing, flush=True)
                     continue
                 upper, seconds, peak, gpu, certified, beyond, total = out
                 ratio = f"{upper / lower:.3g}" if bound == "global" else "-"
                 counts = f"{certified}/{total} | {beyond}/{total}" if total else "- | -"
                 gpu_mib = "-" if gpu is None else f"{gpu:.0f}"
-                print(row + f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {gpu_mib} | {counts} |",
-                      flush=True)
+                cells = f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {gpu_mib} | {counts} |"
+                print(row + cells, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,8 @@ class LogDescent:
     counts as a value above the best one with a zero gradient, a wall the line search backs away from."""
 
     def __init__(self, evaluate: Callable[[np.ndarray, np.ndarray | None], Evaluation], t0: np.ndarray,
-                 first: tuple[float, np.ndarray, np.ndarray], deadline: float, logarithmic: bool = True) -> None:
+                 first: tuple[float, np.ndarray, np.ndarray], deadline: float,
+                 logarithmic: bool = True) -> None:
         self.evaluate, self.deadline, self.logarithmic = evaluate, deadline, logarithmic
         self.best_rho, self.best_t, self.start = first[0], t0, first[2]
         self.evaluations = 1

@@ -158,14 +158,16 @@ class Reduction:
         """rho*(T) from F' (the same value as `lmi.schur_rho` on the full LMI), or None."""
         return block_schur_rho(self.forms(np.clip(t, 0.0, None))[0])
 
-    def rho_gradient(self, t: np.ndarray, start: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray] | None:
+    def rho_gradient(self, t: np.ndarray,
+                     start: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray] | None:
         """rho*(T), its gradient in t and the top eigenvector of the input block's Schur complement (a
         Lanczos start for the next call), or None where the hidden blocks of F' are not positive definite.
 
-        Envelope theorem on the full LMI: z'F(0, T)z = sum_i 2 t_i (x_i - a_i y_i)(x_i - b_i y_i) - |W_l x_l|^2
-        (y_k = W_(k-1) x_(k-1)), and -rho* is its minimum over z with unit x_0; so for a simple top
-        eigenvalue d rho* / d t_i = -2 (x_i - a_i y_i)(x_i - b_i y_i) at the minimiser. `lmi.schur_top_pair`
-        gives the minimiser on the kept blocks; an eliminated layer's part solves its diagonal block,
+        Envelope theorem on the full LMI:
+            z'F(0, T)z = sum_i 2 t_i (x_i - a_i y_i)(x_i - b_i y_i) - |W_l x_l|^2   (y_k = W_(k-1) x_(k-1)),
+        and -rho* is its minimum over z with unit x_0; so for a simple top eigenvalue
+        d rho* / d t_i = -2 (x_i - a_i y_i)(x_i - b_i y_i) at the minimiser. `lmi.schur_top_pair` gives the
+        minimiser on the kept blocks; an eliminated layer's part solves its diagonal block,
         x_j = c_j (W_(j-1) x_(j-1)) / 2 + W_j'(c_(j+1) t_(j+1) x_(j+1)) / (2 t_j). Only products with the
         (sparse) weights: no eliminated block is formed. An estimate that steers the descent, not a proof."""
         net = self.net
@@ -180,9 +182,8 @@ class Reduction:
         for j in self.eliminated:
             c_j = net.alphas[j - 1] + net.betas[j - 1]
             c_q = net.alphas[j] + net.betas[j]
-            xs[j] = 0.5 * c_j * (self.ws[j - 1] @ xs[j - 1]) + (self.ws[j].T @ (c_q * ts[j + 1] * xs[j + 1])) / (
-                2.0 * ts[j]
-            )
+            back = self.ws[j].T @ (c_q * ts[j + 1] * xs[j + 1])
+            xs[j] = 0.5 * c_j * (self.ws[j - 1] @ xs[j - 1]) + back / (2.0 * ts[j])
         grads = []
         for k in range(1, net.depth + 1):
             y = self.ws[k - 1] @ xs[k - 1]

@@ -575,8 +575,8 @@ def _eliminated(net: Network, start: float, budget: float | None) -> MethodOutpu
     return verified_output(net, t, float("nan"), "ok", "numpy-lanczos", [note])
 
 
-def _on_reduced_lmi(net: Network, gone: tuple[int, ...], start: float, budget: float | None, steps: int | None,
-                    tol: float) -> MethodOutput:
+def _on_reduced_lmi(net: Network, gone: tuple[int, ...], start: float, budget: float | None,
+                    steps: int | None, tol: float) -> MethodOutput:
     """Wide ReLU layers eliminated from the LMI (`lipsdp.reduced`): L-BFGS on log rho*(T) over log t, rho* and
     its gradient from the reduced LMI (`Reduction.rho_gradient`: block Cholesky of the kept blocks, Lanczos
     on the input block, products with the sparse weights; no eliminated layer's block is formed), first with
@@ -638,9 +638,9 @@ def anytime(
     quasi-Newton `steps` (None: no limit). Verified upper bound at any stopping time.
 
     device: 'cpu', 'cuda', or None for CUDA when available (a net with wide layers eliminated from the LMI,
-    `lipsdp.reduced`, descends on the reduced LMI on the CPU; the notes say so). The result is at least as tight as the
-    layer-by-layer bound it starts from and approaches the LipSDP-Neuron optimum with more budget; it uses
-    the whole budget unless it has converged. `seed` fixes torch's generator (the method itself is
+    `lipsdp.reduced`, descends on the reduced LMI on the CPU; the notes say so). The result is at least as
+    tight as the layer-by-layer bound it starts from and approaches the LipSDP-Neuron optimum with more
+    budget; it uses the whole budget unless it has converged. `seed` fixes torch's generator (the method itself is
     deterministic). The notes record the steps taken and why it stopped."""
     import torch
 
