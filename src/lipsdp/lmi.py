@@ -202,20 +202,40 @@ def schur_rho(net: Network, t: np.ndarray) -> float | None:
     return block_schur_rho(negated_lmi(net, 0.0, np.clip(t, 0.0, None)))
 
 
+def _schur_backward(f: BlockTridiagonal, keep: bool = False,
+                    consume: bool = False) -> tuple[np.ndarray, list[np.ndarray | None]] | None:
+    """The backward block recursion D_m = F_mm, D_k = F_kk - U_k D_(k+1)^-1 U_k' down to the Schur complement
+    S_0 = F_00 - U_0 D_1^-1 U_0' of F(0) on its blocks 1..; returns (S_0, [None, L_1, ..., L_m]) with the
+    Cholesky factors D_k = L_k L_k' when `keep` (else Nones: one factor alive at a time), or None when some
+    D_k is not (numerically) positive definite. With `consume`, f's diagonal blocks 1.. are factored in place
+    and dropped (f is unusable after): on a CNN's 8192-wide blocks that saves a GB of copies."""
+    m = len(f.diag) - 1
+    lows: list[np.ndarray | None] = [None] * (m + 1)
+    reduced = None
+    for k in range(m, 0, -1):
+        own = reduced is not None or consume  # d may be overwritten by its factor
+        d = f.diag[k] if reduced is None else np.subtract(f.diag[k], reduced, out=reduced)
+        if consume:
+            f.diag[k] = None
+        try:
+            low = sla.cholesky(d, lower=True, overwrite_a=own, check_finite=False)
+        except (np.linalg.LinAlgError, ValueError):
+            return None
+        del d, reduced
+        reduced = gram_through(low, f.upper[k - 1].T)  # U_(k-1) D_k^-1 U_(k-1)'
+        if keep:
+            lows[k] = low
+        del low
+    return (f.diag[0] if reduced is None else f.diag[0] - reduced), lows
+
+
 def block_schur_rho(f: BlockTridiagonal) -> float | None:
     """rho*: -lambda_min of the Schur complement of F(0) on its blocks 1.. (backward block recursion), or
     None when those blocks are not (numerically) positive definite. F(rho) is F(0) + rho on block 0."""
-    s, reduced = f.diag[0], None
-    for k in range(len(f.diag) - 1, 0, -1):
-        d = f.diag[k] if reduced is None else f.diag[k] - reduced
-        try:
-            chol = sla.cho_factor(d, lower=True, check_finite=False)
-        except (np.linalg.LinAlgError, ValueError):
-            return None
-        reduced = gram_through(chol[0], f.upper[k - 1].T)  # U_{k-1} D_k^-1 U_{k-1}'
-        del chol, d
-        if k == 1:
-            s = s - reduced
+    backward = _schur_backward(f)
+    if backward is None:
+        return None
+    s = backward[0]
     lam = sla.eigvalsh(0.5 * (s + s.T), subset_by_index=[0, 0], check_finite=False)[0]
     if not np.isfinite(lam):
         return None
@@ -229,29 +249,16 @@ def schur_top_pair(f: BlockTridiagonal, start: np.ndarray | None = None,
     (D_k the backward recursion's complements), so z'F(0)z = -rho*. None when blocks 1.. are not
     (numerically) positive definite. `start`: a Lanczos start for z_0 (the last call's, when T moved little).
     For a simple top eigenvalue, d rho* / d theta = -z' (dF(0) / d theta) z (envelope theorem).
-    With `consume`, f's diagonal blocks 1.. are factored in place and dropped (f is unusable after): on a
-    CNN's 8192-wide blocks that saves a GB of copies."""
-    m = len(f.diag) - 1
-    lows: list[np.ndarray | None] = [None] * (m + 1)
-    reduced = None
-    for k in range(m, 0, -1):
-        own = reduced is not None or consume  # d may be overwritten by its factor
-        d = f.diag[k] if reduced is None else np.subtract(f.diag[k], reduced, out=reduced)
-        if consume:
-            f.diag[k] = None
-        try:
-            lows[k] = sla.cholesky(d, lower=True, overwrite_a=own, check_finite=False)
-        except (np.linalg.LinAlgError, ValueError):
-            return None
-        del d, reduced
-        reduced = gram_through(lows[k], f.upper[k - 1].T)  # U_(k-1) D_k^-1 U_(k-1)'
-    s0 = f.diag[0] if reduced is None else f.diag[0] - reduced
-    del reduced
+    `consume`: as for `_schur_backward`."""
+    backward = _schur_backward(f, keep=True, consume=consume)
+    if backward is None:
+        return None
+    s0, lows = backward
     lam, u = _lowest_eigenpair(0.5 * (s0 + s0.T), start, np.zeros((0, s0.shape[0])))
     if not np.isfinite(lam) or not np.all(np.isfinite(u)):
         return None
     zs = [u / np.linalg.norm(u)]
-    for k in range(1, m + 1):
+    for k in range(1, len(f.diag)):
         rhs = f.upper[k - 1].T @ zs[-1]
         zs.append(-sla.cho_solve((lows[k], True), rhs, check_finite=False))
     return max(0.0, -float(lam)), zs
