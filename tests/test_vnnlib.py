@@ -310,6 +310,36 @@ def test_secant_floor_of_a_linear_net_is_its_exact_constant_on_the_box():
         assert cert.beyond_reach == (expected[0] if expected else None)
         if cert.beyond_reach is not None:
             assert not cert.certified and cert.lipschitz == {}  # no solve was spent on it
+            # the slack the tightest Lipschitz bound could leave: margin - exact constant * radius <= 0
+            j = cert.beyond_reach
+            assert cert.slack == pytest.approx(cert.margins[j] - floors[j] * radius, rel=1e-6) and cert.slack <= 0
+
+
+def test_pair_bounds_are_solved_only_for_properties_a_margin_can_prove(monkeypatch):
+    """bound='pair' bounds the class pairs of the properties still in reach only: a box beyond reach (its
+    secant already too steep) or a misclassified centre costs no solve, and gets no certificate."""
+    import lipsdp
+    import lipsdp.robustness as robustness
+
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((3, 5)), rng.standard_normal(3)
+    net = lipsdp.Network.from_arrays([a], [], [b])
+    asked = []
+    real = robustness.pair_bounds
+    monkeypatch.setattr(robustness, "pair_bounds", lambda n, pairs, *args, **kw: asked.append(list(pairs)) or
+                        real(n, pairs, *args, **kw))
+    x0 = rng.standard_normal(5)
+    label = int(np.argmax(a @ x0 + b))
+    tiny = _robustness_property(x0 - 1e-6, x0 + 1e-6, 3, label)  # certified by any sane bound
+    huge = _robustness_property(x0 - 50.0, x0 + 50.0, 3, label)  # beyond reach
+    wrong = _robustness_property(x0 - 1e-6, x0 + 1e-6, 3, (label + 1) % 3)  # misclassified centre
+    certs = robustness.certify_properties(net, [tiny, huge, wrong], method="naive", bound="pair")
+    assert asked == [sorted((min(label, j), max(label, j)) for j in tiny.targets)]
+    assert [c.certified for c in certs] == [True, False, False]
+    assert certs[1].beyond_reach is not None and certs[1].lipschitz == {} and certs[1].slack <= 0
+    for j, value in certs[0].lipschitz.items():  # the linear pair's exact constant, verified from above
+        exact = np.linalg.norm(a[label] - a[j])
+        assert exact <= value <= exact * (1 + 1e-9)
 
 
 def test_secant_floor_never_exceeds_a_verified_local_bound():

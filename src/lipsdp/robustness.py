@@ -218,13 +218,18 @@ class PropertyCertificate:
     # f_label - f_j inside the box is already steeper than margin_j / radius), else None. Local solves are
     # skipped for such a property.
     beyond_reach: int | None = None
+    # That class's secant slope: a lower bound on every Lipschitz bound of f_label - f_beyond on the box.
+    secant_floor: float | None = None
 
     @property
     def slack(self) -> float:
         """min_j margin_j - L_j * radius over the classes bounded so far (positive when certified; the
-        smallest margin when no bound was needed because the centre is not classified as the label)."""
+        smallest margin when no bound was needed because the centre is not classified as the label; beyond
+        reach, and no bound computed: the slack the tightest possible bound would leave, which is <= 0)."""
         if not self.margins:
             return float("-inf")
+        if not self.lipschitz and self.beyond_reach is not None and self.secant_floor is not None:
+            return self.margins[self.beyond_reach] - self.secant_floor * self.radius
         if not self.lipschitz:
             return min(self.margins.values())
         return min(self.margins[j] - self.lipschitz[j] * self.radius for j in self.lipschitz)
@@ -243,6 +248,7 @@ class PropertyCertificate:
             "margins": {str(j): v for j, v in self.margins.items()},
             "lipschitz": {str(j): v for j, v in self.lipschitz.items()},
             "beyond_reach": self.beyond_reach,
+            "secant_floor": self.secant_floor,
             "seconds": self.seconds,
         }
 
@@ -305,7 +311,8 @@ def certify_properties(
     """Check VNN-LIB robustness properties (paths, or `lipsdp.io.vnnlib.VnnlibProperty`) by Lipschitz margins.
 
     bound='pair': one verified bound of f_label - f_j per class pair, shared by all properties (cheap when
-    there are many properties); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
+    there are many properties; only the pairs of properties a margin can still prove are bounded: none for a
+    centre that is misclassified or a box beyond reach, see `secant_floors`); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
     f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
     bound='local': a bound of f_label - f_j valid on each property's box (`estimate(..., region=Box(low,
     high), pair=...)`, tighter, one per property and target, smallest margin first, stopping at the first
@@ -335,10 +342,30 @@ def certify_properties(
                 "lipsdp certifies classification robustness only"
             )
     logits = net.forward(np.array([p.center for p in props])) if props else np.zeros((0, n_out))
+    tiny = 64 * np.finfo(np.float64).eps
+    chain = None  # the network in torch, for the secants (built once, on first use)
+    checks = []  # per property: margins, classes smallest margin first, a class beyond reach, its floor, seconds
+    for prop, y in zip(props, logits):
+        start = time.perf_counter()
+        label = prop.label
+        margins = {j: float(y[label] - y[j] - tiny * (abs(y[label]) + abs(y[j]))) for j in prop.targets}
+        # smallest margin first: the class most likely to fail, so an uncertifiable property costs one local
+        # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
+        order = sorted(prop.targets, key=margins.__getitem__)
+        beyond, floor = None, None
+        if int(np.argmax(y)) == label and all(m > 0 for m in margins.values()):
+            chain = TorchChain(net) if chain is None else chain
+            floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
+            beyond = next((j for j in order if floors[j] * prop.l2_radius >= margins[j]), None)
+            floor = None if beyond is None else floors[beyond]
+        checks.append((margins, order, beyond, floor, time.perf_counter() - start))
+    # a bound is only worth its solve where it can still certify: a property whose centre is misclassified,
+    # or that no Lipschitz margin can prove (beyond reach), needs none
+    hopeful = [int(np.argmax(y)) == p.label and all(m > 0 for m in margins.values()) and beyond is None
+               for p, y, (margins, _, beyond, _, _) in zip(props, logits, checks)]
     global_bounds: dict[tuple[int, int], float] = {}
     if bound == "pair":
-        needed = sorted({(min(p.label, j), max(p.label, j)) for p, y in zip(props, logits)
-                         if int(np.argmax(y)) == p.label for j in p.targets})
+        needed = sorted({(min(p.label, j), max(p.label, j)) for p, h in zip(props, hopeful) if h for j in p.targets})
         log.info("certify_properties: %d class pairs to bound", len(needed))
         results = pair_bounds(net, needed, method, workers=workers, executor=executor, **options)
         global_bounds = {pair: r.upper for pair, r in results.items()}
@@ -347,37 +374,23 @@ def certify_properties(
         upper = estimate(net, method, workers=workers, executor=executor, **options).upper
         whole = certified_product([upper, math.nextafter(math.sqrt(2.0), math.inf)])
     out = []
-    chain = None  # the network in torch, for the secants (built once, on first use)
-    tiny = 64 * np.finfo(np.float64).eps
-    for prop, y in zip(props, logits):
+    for prop, y, (margins, order, beyond, floor, seconds), certified in zip(props, logits, checks, hopeful):
         start = time.perf_counter()
         label, predicted = prop.label, int(np.argmax(y))
-        margins = {j: float(y[label] - y[j] - tiny * (abs(y[label]) + abs(y[j]))) for j in prop.targets}
         lipschitz: dict[int, float] = {}
-        certified = predicted == label and all(m > 0 for m in margins.values())
-        region = Box(prop.low, prop.high)
-        # smallest margin first: the class most likely to fail, so an uncertifiable property costs one local
-        # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
-        order = sorted(prop.targets, key=margins.__getitem__)
-        beyond = None
-        if certified:
-            chain = TorchChain(net) if chain is None else chain
-            floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
-            beyond = next((j for j in order if floors[j] * prop.l2_radius >= margins[j]), None)
-            if beyond is not None and bound == "local":
-                certified = False  # no local solve can change that
+        paid = (bound == "global" and predicted == label) or (bound == "pair" and certified)
         for j in order:
-            if not certified and (bound == "local" or predicted != label):
-                break  # local bounds cost a solve each: stop at the first class that fails
-            if bound == "pair":
+            if not (certified or paid):
+                break  # a local bound costs a solve: stop at the first class that fails
+            if bound == "global":
+                lipschitz[j] = whole  # already paid for: reported even where it cannot certify
+            elif bound == "pair":
                 lipschitz[j] = global_bounds[(min(label, j), max(label, j))]
-            elif bound == "global":
-                lipschitz[j] = whole
             else:
-                lipschitz[j] = estimate(net, method, pair=(label, j), region=region, workers=workers,
-                                        executor=executor, **options).upper
+                lipschitz[j] = estimate(net, method, pair=(label, j), region=Box(prop.low, prop.high),
+                                        workers=workers, executor=executor, **options).upper
             needed_margin = np.nextafter(lipschitz[j] * prop.l2_radius, np.inf)
             certified = certified and margins[j] > needed_margin
         out.append(PropertyCertificate(prop.path, label, predicted, prop.l2_radius, bool(certified), bound, method,
-                                       margins, lipschitz, time.perf_counter() - start, beyond))
+                                       margins, lipschitz, seconds + time.perf_counter() - start, beyond, floor))
     return out
