@@ -316,8 +316,9 @@ def test_secant_floor_of_a_linear_net_is_its_exact_constant_on_the_box():
 
 
 def test_pair_bounds_are_solved_only_for_properties_a_margin_can_prove(monkeypatch):
-    """bound='pair' bounds the class pairs of the properties still in reach only: a box beyond reach (its
-    secant already too steep) or a misclassified centre costs no solve, and gets no certificate."""
+    """bound='pair' bounds the class pairs a margin can still use: none for a box beyond reach (its secant
+    already too steep) or a misclassified centre; a property's classes go smallest margin first, and stop at
+    the first that fails; a pair is solved once for all properties."""
     import lipsdp
     import lipsdp.robustness as robustness
 
@@ -326,18 +327,30 @@ def test_pair_bounds_are_solved_only_for_properties_a_margin_can_prove(monkeypat
     net = lipsdp.Network.from_arrays([a], [], [b])
     asked = []
     real = robustness.pair_bounds
-    monkeypatch.setattr(robustness, "pair_bounds", lambda n, pairs, *args, **kw: asked.append(list(pairs)) or
+    monkeypatch.setattr(robustness, "pair_bounds", lambda n, pairs, *args, **kw: asked.extend(pairs) or
                         real(n, pairs, *args, **kw))
     x0 = rng.standard_normal(5)
-    label = int(np.argmax(a @ x0 + b))
+    y = a @ x0 + b
+    label = int(np.argmax(y))
+    others = [j for j in range(3) if j != label]
+    first = min(others, key=lambda j: y[label] - y[j])  # the smallest margin
+    # a box flat in coordinate 2: the secant sees ||a_l - a_j|| without that coordinate, the (global) pair
+    # bound the whole norm; sized between the two for the first class, so it fails there, yet is in reach
+    half = np.array([1.0, 1.0, 0.0, 1.0, 1.0])
+    exact = np.linalg.norm(a[label] - a[first])
+    secant = np.linalg.norm(np.delete(a[label] - a[first], 2))
+    scale = (y[label] - y[first]) / (np.linalg.norm(half) * 0.5 * (exact + secant))
     tiny = _robustness_property(x0 - 1e-6, x0 + 1e-6, 3, label)  # certified by any sane bound
+    fails = _robustness_property(x0 - scale * half, x0 + scale * half, 3, label)
     huge = _robustness_property(x0 - 50.0, x0 + 50.0, 3, label)  # beyond reach
     wrong = _robustness_property(x0 - 1e-6, x0 + 1e-6, 3, (label + 1) % 3)  # misclassified centre
-    certs = robustness.certify_properties(net, [tiny, huge, wrong], method="naive", bound="pair")
-    assert asked == [sorted((min(label, j), max(label, j)) for j in tiny.targets)]
-    assert [c.certified for c in certs] == [True, False, False]
-    assert certs[1].beyond_reach is not None and certs[1].lipschitz == {} and certs[1].slack <= 0
-    for j, value in certs[0].lipschitz.items():  # the linear pair's exact constant, verified from above
+    certs = robustness.certify_properties(net, [fails, tiny, huge, wrong], method="naive", bound="pair")
+    assert sorted(asked) == sorted((min(label, j), max(label, j)) for j in others)  # each pair once
+    assert [c.certified for c in certs] == [False, True, False, False]
+    assert certs[0].beyond_reach is None and list(certs[0].lipschitz) == [first]  # stopped at its first class
+    assert certs[2].beyond_reach is not None and certs[2].lipschitz == {} and certs[2].slack <= 0
+    assert certs[3].lipschitz == {}
+    for j, value in certs[1].lipschitz.items():  # the linear pair's exact constant, verified from above
         exact = np.linalg.norm(a[label] - a[j])
         assert exact <= value <= exact * (1 + 1e-9)
 

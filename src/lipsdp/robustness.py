@@ -297,6 +297,34 @@ def secant_floors(
     return floors
 
 
+def _pair_bounds_in_rounds(
+    net: Network, props: list, logits: np.ndarray, checks: list, hopeful: list[bool], method: str, workers: int,
+    executor: Executor | None, options: dict[str, Any],
+) -> dict[tuple[int, int], float]:
+    """The class-pair bounds `certify_properties` needs: in rounds, the next class (smallest margin first) of
+    every property still open, each new pair solved once (in parallel) and shared; a property closes at its
+    first class whose bound fails or after its last class."""
+    values: dict[tuple[int, int], float] = {}
+    cursor = {i: 0 for i, h in enumerate(hopeful) if h and checks[i][1]}  # property -> position in its order
+    while cursor:
+        wanted = {}
+        for i, at in cursor.items():
+            label, j = props[i].label, checks[i][1][at]
+            wanted[i] = (min(label, j), max(label, j))
+        new = sorted(set(wanted.values()) - set(values))
+        log.info("certify_properties: %d class pairs to bound in this round", len(new))
+        values.update({pair: r.upper for pair, r in pair_bounds(net, new, method, workers=workers,
+                                                                 executor=executor, **options).items()})
+        for i, pair in wanted.items():
+            j = checks[i][1][cursor[i]]
+            margin, radius = checks[i][0][j], props[i].l2_radius
+            if margin > np.nextafter(values[pair] * radius, np.inf) and cursor[i] + 1 < len(checks[i][1]):
+                cursor[i] += 1
+            else:
+                del cursor[i]
+    return values
+
+
 def certify_properties(
     model: Any,
     properties: Iterable[Any],
@@ -311,8 +339,9 @@ def certify_properties(
     """Check VNN-LIB robustness properties (paths, or `lipsdp.io.vnnlib.VnnlibProperty`) by Lipschitz margins.
 
     bound='pair': one verified bound of f_label - f_j per class pair, shared by all properties (cheap when
-    there are many properties; only the pairs of properties a margin can still prove are bounded: none for a
-    centre that is misclassified or a box beyond reach, see `secant_floors`); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
+    there are many properties), solved only where a margin can still prove the property: none for a centre
+    that is misclassified or a box beyond reach (`secant_floors`), and a property's classes smallest margin
+    first, stopping at the first that fails (in rounds, each round's new pairs in parallel); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
     f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
     bound='local': a bound of f_label - f_j valid on each property's box (`estimate(..., region=Box(low,
     high), pair=...)`, tighter, one per property and target, smallest margin first, stopping at the first
@@ -363,12 +392,9 @@ def certify_properties(
     # or that no Lipschitz margin can prove (beyond reach), needs none
     hopeful = [int(np.argmax(y)) == p.label and all(m > 0 for m in margins.values()) and beyond is None
                for p, y, (margins, _, beyond, _, _) in zip(props, logits, checks)]
-    global_bounds: dict[tuple[int, int], float] = {}
+    pair_values: dict[tuple[int, int], float] = {}
     if bound == "pair":
-        needed = sorted({(min(p.label, j), max(p.label, j)) for p, h in zip(props, hopeful) if h for j in p.targets})
-        log.info("certify_properties: %d class pairs to bound", len(needed))
-        results = pair_bounds(net, needed, method, workers=workers, executor=executor, **options)
-        global_bounds = {pair: r.upper for pair, r in results.items()}
+        pair_values = _pair_bounds_in_rounds(net, props, logits, checks, hopeful, method, workers, executor, options)
     whole = None
     if bound == "global" and any(int(np.argmax(y)) == p.label for p, y in zip(props, logits)):
         upper = estimate(net, method, workers=workers, executor=executor, **options).upper
@@ -378,14 +404,14 @@ def certify_properties(
         start = time.perf_counter()
         label, predicted = prop.label, int(np.argmax(y))
         lipschitz: dict[int, float] = {}
-        paid = (bound == "global" and predicted == label) or (bound == "pair" and certified)
+        paid = bound == "global" and predicted == label
         for j in order:
             if not (certified or paid):
-                break  # a local bound costs a solve: stop at the first class that fails
+                break  # pair and local bounds cost a solve each: stop at the first class that fails
             if bound == "global":
                 lipschitz[j] = whole  # already paid for: reported even where it cannot certify
             elif bound == "pair":
-                lipschitz[j] = global_bounds[(min(label, j), max(label, j))]
+                lipschitz[j] = pair_values[(min(label, j), max(label, j))]
             else:
                 lipschitz[j] = estimate(net, method, pair=(label, j), region=Box(prop.low, prop.high),
                                         workers=workers, executor=executor, **options).upper
