@@ -2,7 +2,7 @@
 and peak memory, and the VNN-LIB properties it certifies.
 
     python benchmarks/cnn.py [--nets cifar_base_kw resnet_2b Convnet_maxpool]
-                             [--tiers naive sequential anytime] [--bounds global local] [--budget 240]
+                             [--tiers naive sequential anytime] [--bounds global pair local] [--budget 240]
                              [--timeout 600] [--cnn DIR] [--props DIR] [--device cpu|cuda]
 
 `--cnn DIR` reads the nets (NAME.onnx) from another folder, e.g. further VNN-COMP CNNs; a net with no
@@ -13,11 +13,13 @@ Each (net, tier, bound) runs in a fresh spawned process (peak memory = its max R
 killed and reported as such). A run is `lipsdp certify NET PROPS --bound BOUND --method TIER`. global: one
 verified bound L of the whole network, and a property counts as certified when every margin f_label - f_j
 at the box centre exceeds sqrt(2) L times the box's l2 radius; "L" is that bound (read back from the
-certificate). local: a bound of each f_label - f_j valid on the property's box only (slopes tightened by
-interval bounds), solved per property and class until one fails; "L" is then the largest local bound
-used. "beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
+certificate). pair: a verified bound of each f_label - f_j on the whole input space, each pair solved once
+and shared, per property smallest margin first until a class fails; "L" is the largest pair bound used.
+local: a bound of each f_label - f_j valid on the property's box only (slopes tightened by interval
+bounds), solved per property and class until one fails; "L" is then the largest local bound used.
+Neither solves anything for a property beyond any Lipschitz margin ("L" is empty when all are). "beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
 is already steeper than margin / radius, so that no Lipschitz bound can certify them
-(`lipsdp.robustness.secant_floors`; local solves are skipped there). "lower" is the largest Jacobian norm
+(`lipsdp.robustness.secant_floors`; pair and local solves are skipped there). "lower" is the largest Jacobian norm
 `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps), in its own process; it bounds the global L
 from below. `--device` runs the anytime tier's descent there ('cuda' on a GPU; the default is the method's:
 CUDA when available); "GPU MiB" is then torch's peak allocation on the card (the certificate is always
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", nargs="+", default=list(NETS))
     parser.add_argument("--tiers", nargs="+", default=["naive", "sequential", "anytime"])
-    parser.add_argument("--bounds", nargs="+", default=["global"], choices=["global", "local"])
+    parser.add_argument("--bounds", nargs="+", default=["global"], choices=["global", "pair", "local"])
     parser.add_argument("--budget", type=float, default=240.0, help="seconds of the anytime tier")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--lower-timeout", type=float, default=300.0)
@@ -110,8 +112,8 @@ def main() -> None:
         lower = low[0] if low else float("nan")
         for tier in args.tiers:
             for bound in args.bounds:
-                if bound == "local" and not _properties(args.props, net):
-                    continue  # a local bound needs the properties' boxes
+                if bound != "global" and not _properties(args.props, net):
+                    continue  # pair and local bounds are solved for the properties' classes
                 task = (args.cnn, args.props, net, tier, bound, args.budget, args.device)
                 out = run_spawned(_certify, task, args.timeout)
                 row = f"| {net} | {tier} | {bound} | "
@@ -123,8 +125,10 @@ def main() -> None:
                 ratio = f"{upper / lower:.3g}" if bound == "global" else "-"
                 counts = f"{certified}/{total} | {beyond}/{total}" if total else "- | -"
                 gpu_mib = "-" if gpu is None else f"{gpu:.0f}"
-                cells = f"{upper:.6g} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {gpu_mib} | {counts} |"
+                value = "(no solve needed)" if math.isnan(upper) else f"{upper:.6g}"
+                cells = f"{value} | {lower:.4g} | {ratio} | {seconds:.1f} | {peak:.0f} | {gpu_mib} | {counts} |"
                 print(row + cells, flush=True)
+
 
 if __name__ == "__main__":
     main()
