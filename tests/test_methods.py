@@ -113,6 +113,35 @@ def test_the_ray_scale_is_the_best_on_a_grid(sizes, acts):
     assert lipsdp.estimate(net, "sequential").upper == pytest.approx(np.sqrt(best), rel=1e-6)
 
 
+@pytest.mark.parametrize("rows, cols", [(7, 5), (5, 9), (1600, 1550)])  # both Gram sides; Lanczos at 1550
+def test_layer_step_tau_is_the_best_on_a_grid(rows, cols):
+    """A layer with pass-through neurons (slopes [1, 1] beside ReLUs): the tau `sequential_step` picks
+    gives the next quadratic form X_(k+1)(tau) = 2 tau I - tau^2 D W (X + tau W' diag(2ab) W)^-1 W' D a
+    smallest eigenvalue (of the formed matrix, LAPACK) at least that of scales around it."""
+    import scipy.linalg as sla
+
+    from lipsdp.lmi import sequential_step
+
+    rng = np.random.default_rng(rows)
+    a_mat = rng.standard_normal((cols, cols))
+    x = a_mat @ a_mat.T / cols + 0.5 * np.eye(cols)
+    w = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+    alpha = np.where(rng.random(rows) < 0.3, 1.0, 0.0)  # about 30% pass-through neurons
+    beta = np.ones(rows)
+
+    def lowest(tau: float) -> float:
+        d, ab = alpha + beta, 2.0 * alpha * beta
+        nxt = 2.0 * tau * np.eye(rows) - tau**2 * (d[:, None] * w) @ np.linalg.solve(
+            x + tau * w.T @ (ab[:, None] * w), (d[:, None] * w).T)
+        return float(sla.eigvalsh(0.5 * (nxt + nxt.T))[0])
+
+    tau, x_next = sequential_step(x, w, alpha, beta)
+    assert float(sla.eigvalsh(x_next)[0]) == pytest.approx(lowest(tau), rel=1e-9, abs=1e-12)
+    best = lowest(tau)
+    scales = np.geomspace(0.2, 5.0, 60 if rows < 100 else 9)
+    assert all(best >= lowest(c * tau) - 1e-9 * abs(best) for c in scales)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sigmoid_slope_quarter(method):
     """f(x) = diag(3, 1) sigmoid(2 x): J = diag(6 s'(2x1), 2 s'(2x2)), max at 0 with s'(0) = 1/4: L = 1.5."""
