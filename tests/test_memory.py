@@ -69,3 +69,24 @@ def test_a_bad_memory_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LIPSDP_MEMORY_GIB", "lots")
     with pytest.raises(lipsdp.LipSDPError, match="LIPSDP_MEMORY_GIB must be a number"):
         lipsdp.estimate(he_network([3, 4, 2], seed=0), method="sequential")
+
+
+def test_the_interior_point_is_estimated_by_its_dense_working_set(monkeypatch):
+    """`neuron` and `layer` (the structured interior point) hold n x n, n x K and K x K matrices (n the LMI's
+    order, K = n_0 + 2 x neurons), far more than the LMI's blocks: refused where those cannot fit, with a
+    pointer to the first-order methods, while `sequential` still runs."""
+    net = he_network([6, 30, 20, 3], seed=3)
+    n, k = 6 + 30 + 20, 6 + 2 * 50
+    assert memory.ipm_entries(net) == memory.IPM_SQUARES * n * n + 3 * n * k + 3 * k * k
+    wide_input = he_network([40, 30, 20, 3], seed=3)  # the solver cuts the input block to 30 (thin QR)
+    n, k = 30 + 30 + 20, 30 + 2 * 50
+    assert memory.ipm_entries(wide_input) == memory.IPM_SQUARES * n * n + 3 * n * k + 3 * k * k
+    blocks = memory.PEAK_FACTOR * 8.0 * memory.block_entries(net, reduces=False)
+    ipm = memory.IPM_PEAK_FACTOR * 8.0 * memory.ipm_entries(net)
+    assert blocks < ipm
+    monkeypatch.setenv("LIPSDP_MEMORY_GIB", str((blocks + ipm) / 2 / 2**30))
+    for method in ("neuron", "layer"):
+        with pytest.raises(lipsdp.LipSDPError, match="interior point's dense matrices.*'sequential' / 'anytime'"):
+            lipsdp.estimate(net, method=method)
+    memory.check_fits(net, "sequential")
+    memory.check_fits(net, "anytime")

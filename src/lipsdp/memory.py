@@ -12,7 +12,9 @@ recipe is dropped once done, and that net eliminates a layer: 3834 MiB). A chain
 available would be killed by the kernel mid-solve (a ConvBig-sized layer of 32768 neurons needs ~100
 GB); it gets a `LipSDPError` naming the widest layer and what to use instead. The memory available is
 what the system reports (Linux MemAvailable), or `LIPSDP_MEMORY_GIB` when set (to allow more, with swap,
-or less). A network whose one wide hidden layer is eliminated
+or less). `neuron` and `layer` run the structured interior point, whose dense n x n, n x K and K x K
+matrices (`ipm_entries`) outgrow the blocks on CNNs: 4.2 GiB of them on cifar_base_kw, 17 GiB on
+resnet_2b; it is estimated by the larger of the two. A network whose one wide hidden layer is eliminated
 (`lipsdp.eliminate`), or whose wide ReLU layers are (`lipsdp.reduced`), never forms those layers' blocks
 and is estimated without them.
 """
@@ -28,6 +30,11 @@ from lipsdp.network import Network
 PEAK_FACTOR = 8.5  # peak bytes / (8 bytes x entries of the dense blocks), above every measured ratio
 DENSE_METHODS = frozenset({"sequential", "anytime", "layer", "neuron", "neuron-dense"})
 REDUCING_METHODS = frozenset({"sequential", "anytime"})  # those that never form an eliminated layer's blocks
+IPM_METHODS = frozenset({"neuron", "layer"})  # the structured interior point (`ipm_entries`)
+IPM_SQUARES = 8  # n x n matrices alive at its peak
+# process peak / (8 bytes x `ipm_entries`), neuron, 2 cores: a random 1024-1024-768-64-10 net 1894 / 1332 MiB
+# (x1.42), cifar_base_kw at least 5719 / 4280 MiB (x1.34, resident size sampled mid-solve)
+IPM_PEAK_FACTOR = 1.6
 
 
 def block_entries(net: Network, reduces: bool = True) -> int:
@@ -42,6 +49,17 @@ def block_entries(net: Network, reduces: bool = True) -> int:
     gone = reduced.plan(net) if reduces else ()  # wide layers eliminated: only the kept layers' blocks (`lipsdp.reduced`)
     sizes = [n for k, n in enumerate(net.sizes[:-1]) if k not in gone]
     return sum(n * n for n in sizes) + sum(a * b for a, b in pairwise(sizes))
+
+
+def ipm_entries(net: Network) -> int:
+    """Entries of the structured interior point's dense working set (`methods.ipm`, for `neuron` and
+    `layer`): the n x n matrices (X, its factor, Z^-1, the directions; n the LMI's order, the input block
+    cut to the first hidden layer's width when wider, as the solver does), the n x K products X U and
+    Z^-1 U and the K x K ones of its Newton system (K = n_0 + 2 x hidden neurons)."""
+    n0 = min(net.sizes[0], net.sizes[1]) if net.depth else net.sizes[0]
+    n = n0 + sum(net.sizes[1:-1])
+    k = n0 + 2 * net.n_neurons
+    return IPM_SQUARES * n * n + 3 * n * k + 3 * k * k
 
 
 def available_bytes() -> int | None:
@@ -70,14 +88,23 @@ def check_fits(net: Network, method: str) -> None:
     available = available_bytes()
     if available is None:
         return
+    from lipsdp import eliminate
+
+    name = str(method).strip().lower()
     # `sequential` and `anytime` run on the reduced LMI; the other methods optimise the full one
-    need = PEAK_FACTOR * 8.0 * block_entries(net, reduces=str(method).strip().lower() in REDUCING_METHODS)
+    need = PEAK_FACTOR * 8.0 * block_entries(net, reduces=name in REDUCING_METHODS)
+    what = "the dense LMI blocks"
+    if name in IPM_METHODS and not eliminate.applies(net):  # (one wide layer eliminated: refused elsewhere)
+        ipm = IPM_PEAK_FACTOR * 8.0 * ipm_entries(net)
+        if ipm > need:
+            need, what = ipm, "the interior point's dense matrices"
     if need <= available:
         return
     widest = max(range(len(net.sizes) - 1), key=lambda k: net.sizes[k])
+    also = " or method='sequential' / 'anytime' (first order, the same LMI)" if name in IPM_METHODS else ""
     raise LipSDPError(
-        f"method '{method}' would need about {need / 2**30:.3g} GiB for the dense LMI blocks of this network "
+        f"method '{method}' would need about {need / 2**30:.3g} GiB for {what} of this network "
         f"(widest layer: {net.sizes[widest]} neurons, layer {widest}), more than the {available / 2**30:.3g} GiB "
-        "available; use method='naive' (operator norms, no dense blocks), split=K to bound pieces of K layers, "
-        "or a machine with more memory (LIPSDP_MEMORY_GIB overrides the amount assumed available)"
+        f"available; use method='naive' (operator norms, no dense blocks){also}, split=K to bound pieces of K "
+        "layers, or a machine with more memory (LIPSDP_MEMORY_GIB overrides the amount assumed available)"
     )
