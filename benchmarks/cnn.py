@@ -17,10 +17,11 @@ certificate). pair: a verified bound of each f_label - f_j on the whole input sp
 and shared, per property smallest margin first until a class fails; "L" is the largest pair bound used.
 local: a bound of each f_label - f_j valid on the property's box only (slopes tightened by interval
 bounds), solved per property and class until one fails; "L" is then the largest local bound used.
-Neither solves anything for a property beyond any Lipschitz margin ("L" is empty when all are). "beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
+Neither solves anything for a property beyond any Lipschitz margin ("L" is empty when all are).
+"beyond any Lipschitz margin": properties for which a secant of some f_label - f_j inside the box
 is already steeper than margin / radius, so that no Lipschitz bound can certify them
-(`lipsdp.robustness.secant_floors`; pair and local solves are skipped there). "lower" is the largest Jacobian norm
-`lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps), in its own process; it bounds the global L
+(`lipsdp.robustness.secant_floors`; pair and local solves are skipped there). "lower" is the largest
+Jacobian norm `lipsdp.lower.lower_bound` finds (64 samples, 20 ascent steps), in its own process; it bounds the global L
 from below. `--device` runs the anytime tier's descent there ('cuda' on a GPU; the default is the method's:
 CUDA when available); "GPU MiB" is then torch's peak allocation on the card (the certificate is always
 proved in float64 on the CPU).

@@ -86,7 +86,8 @@ def test_the_interior_point_is_estimated_by_its_dense_working_set(monkeypatch):
     assert blocks < ipm
     monkeypatch.setenv("LIPSDP_MEMORY_GIB", str((blocks + ipm) / 2 / 2**30))
     for method in ("neuron", "layer"):
-        with pytest.raises(lipsdp.LipSDPError, match="interior point's dense matrices.*'sequential' / 'anytime'"):
+        refusal = "interior point's dense matrices.*'sequential' / 'anytime'"
+        with pytest.raises(lipsdp.LipSDPError, match=refusal):
             lipsdp.estimate(net, method=method)
     memory.check_fits(net, "sequential")
     memory.check_fits(net, "anytime")

@@ -33,7 +33,7 @@ REDUCING_METHODS = frozenset({"sequential", "anytime"})  # those that never form
 IPM_METHODS = frozenset({"neuron", "layer"})  # the structured interior point (`ipm_entries`)
 IPM_SQUARES = 8  # n x n matrices alive at its peak
 # process peak / (8 bytes x `ipm_entries`), neuron, 2 cores: a random 1024-1024-768-64-10 net 1894 / 1332 MiB
-# (x1.42), cifar_base_kw at least 5719 / 4280 MiB (x1.34, resident size sampled mid-solve)
+# (x1.42), cifar_base_kw 6037 / 4280 MiB (x1.41; 954 s to the optimum)
 IPM_PEAK_FACTOR = 1.6
 
 
@@ -105,6 +105,6 @@ def check_fits(net: Network, method: str) -> None:
     raise LipSDPError(
         f"method '{method}' would need about {need / 2**30:.3g} GiB for {what} of this network "
         f"(widest layer: {net.sizes[widest]} neurons, layer {widest}), more than the {available / 2**30:.3g} GiB "
-        f"available; use method='naive' (operator norms, no dense blocks){also}, split=K to bound pieces of K "
-        "layers, or a machine with more memory (LIPSDP_MEMORY_GIB overrides the amount assumed available)"
+        f"available; use method='naive' (operator norms, no dense blocks){also}, split=K to bound pieces "
+        "of K layers, or a machine with more memory (LIPSDP_MEMORY_GIB overrides the amount assumed available)"
     )

@@ -298,8 +298,8 @@ def secant_floors(
 
 
 def _pair_bounds_in_rounds(
-    net: Network, props: list, logits: np.ndarray, checks: list, hopeful: list[bool], method: str, workers: int,
-    executor: Executor | None, options: dict[str, Any],
+    net: Network, props: list, logits: np.ndarray, checks: list, hopeful: list[bool], method: str,
+    workers: int, executor: Executor | None, options: dict[str, Any],
 ) -> dict[tuple[int, int], float]:
     """The class-pair bounds `certify_properties` needs: in rounds, the next class (smallest margin first) of
     every property still open, each new pair solved once (in parallel) and shared; a property closes at its
@@ -341,8 +341,9 @@ def certify_properties(
     bound='pair': one verified bound of f_label - f_j per class pair, shared by all properties (cheap when
     there are many properties), solved only where a margin can still prove the property: none for a centre
     that is misclassified or a box beyond reach (`secant_floors`), and a property's classes smallest margin
-    first, stopping at the first that fails (in rounds, each round's new pairs in parallel); bound='global': one verified bound L of the whole f, and sqrt(2) L for every
-    f_label - f_j (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
+    first, stopping at the first that fails (in rounds, each round's new pairs in parallel);
+    bound='global': one verified bound L of the whole f, and sqrt(2) L for every f_label - f_j
+    (||e_label - e_j|| = sqrt(2); one solve in all: the choice for large networks);
     bound='local': a bound of f_label - f_j valid on each property's box (`estimate(..., region=Box(low,
     high), pair=...)`, tighter, one per property and target, smallest margin first, stopping at the first
     class that fails). The
@@ -394,7 +395,8 @@ def certify_properties(
                for p, y, (margins, _, beyond, _, _) in zip(props, logits, checks)]
     pair_values: dict[tuple[int, int], float] = {}
     if bound == "pair":
-        pair_values = _pair_bounds_in_rounds(net, props, logits, checks, hopeful, method, workers, executor, options)
+        pair_values = _pair_bounds_in_rounds(net, props, logits, checks, hopeful, method, workers, executor,
+                                             options)
     whole = None
     if bound == "global" and any(int(np.argmax(y)) == p.label for p, y in zip(props, logits)):
         upper = estimate(net, method, workers=workers, executor=executor, **options).upper
@@ -417,6 +419,7 @@ def certify_properties(
                                         workers=workers, executor=executor, **options).upper
             needed_margin = np.nextafter(lipschitz[j] * prop.l2_radius, np.inf)
             certified = certified and margins[j] > needed_margin
-        out.append(PropertyCertificate(prop.path, label, predicted, prop.l2_radius, bool(certified), bound, method,
-                                       margins, lipschitz, seconds + time.perf_counter() - start, beyond, floor))
+        seconds += time.perf_counter() - start
+        out.append(PropertyCertificate(prop.path, label, predicted, prop.l2_radius, bool(certified), bound,
+                                       method, margins, lipschitz, seconds, beyond, floor))
     return out
