@@ -661,10 +661,9 @@ def anytime(
     bal = Balancing.of(net)
     net_b = bal.network(net)
     net_m = _with_margin(net_b)
-    begun = _feasible_start(net, net_b, net_m, bal)
-    if begun is None:
+    t0 = _feasible_start(net, net_b, net_m, bal)
+    if t0 is None:
         return verified_output(net, None, float("nan"), "ok", f"torch-{device}", ["no feasible start"])
-    t0, floor_t, floor_rho = begun
     threads = torch.get_num_threads()
     if device == "cpu" and max(net_b.hidden_sizes + [min(net_b.sizes[0], net_b.hidden_sizes[0])]) <= 256:
         torch.set_num_threads(1)  # small blocks: one thread is faster, and robust on a busy machine
@@ -694,16 +693,17 @@ def anytime(
     ]
     if tied_note is not None:
         notes.append(tied_note)
-    # the layer-by-layer multipliers at their best scale, exactly as `sequential` has them
-    floor_out = bal.original_multipliers(net, floor_t / (1.0 - MARGIN))
+    start_t = bal.original_multipliers(net, t0 / (1.0 - MARGIN))  # exactly the layer-by-layer multipliers
+    if obj.best_s is None:
+        return verified_output(net, start_t, float("nan"), "ok", f"torch-{device}", notes)
 
-    def certified_floor() -> MethodOutput:
-        return verified_output(net, floor_out, _raw_bound(bal, floor_rho), "ok", f"torch-{device}", notes)
+    def certified_start() -> MethodOutput:
+        return verified_output(net, start_t, _raw_bound(bal, obj.start_rho), "ok", f"torch-{device}", notes)
 
-    if obj.best_s is None or obj.best_s is obj.start_s or not obj.best_rho < floor_rho:
-        # no step got below the floor (or none was accepted): one certificate, the floor's (on a CNN layer
-        # of 4096 neurons a dense certificate takes a minute)
-        return certified_floor()
+    if obj.best_s is obj.start_s:
+        # no step was accepted: the best iterate is the start (up to exp(log t) rounding), so one certificate
+        # (on a CNN layer of 4096 neurons a dense certificate takes a minute)
+        return certified_start()
     # The best iterate, certified; should its proof fail (then the certificate repairs it, at a cost), the
     # best iterates of the earlier smoothing levels are tried too and the tightest verified bound is kept.
     out = None
@@ -716,10 +716,10 @@ def anytime(
             out = candidate
         if not candidate.upper > raw * (1.0 + 1e-3):
             break
-    if obj.best_rho >= floor_rho * (1.0 - 1e-6) or out.upper > _raw_bound(bal, floor_rho) * (1.0 + 1e-3):
-        # little progress below the floor, or a proof that came out looser: the floor itself (without the
-        # margin) may certify tighter, and `sequential` must never be tighter than this method
-        candidate = certified_floor()
+    if obj.best_rho >= obj.start_rho * (1.0 - 1e-6):
+        # no real progress: the start itself (without the margin) may certify a hair tighter, and
+        # `sequential` must never be tighter than this method
+        candidate = certified_start()
         if candidate.upper < out.upper:
             out = candidate
     return out
@@ -750,46 +750,30 @@ def _with_margin(net: Network) -> Network:
     return net.with_slopes(alphas, betas)
 
 
-def _feasible_start(net: Network, net_b: Network, net_m: Network,
-                    bal: Balancing) -> tuple[np.ndarray, np.ndarray | None, float] | None:
-    """(start, floor, floor's rho) for the margin network `net_m`, all balanced and times (1 - MARGIN):
-    `floor` is the layer-by-layer multipliers at their best scale (`reduced.along_ray`; of the net or of the
-    balanced net, whichever gives the smaller rho), and `start` the same multipliers unscaled, doubled if
-    needed until the hidden block is positive definite. The descent starts from the unscaled ones: from the
-    best scale it ends far higher on some nets (resnet_2b, 240 s: 123.4 instead of 104.9; cifar_base_kw
-    5.4175 and 5.4167); the floor keeps the result never looser than `sequential`. None when no start is
-    feasible."""
-    best = None
+def _feasible_start(net: Network, net_b: Network, net_m: Network, bal: Balancing) -> np.ndarray | None:
+    """Multipliers t' for the margin network `net_m`: the balanced layer-by-layer multipliers at their best
+    scale (`reduced.along_ray`; the better of those of the net and of the balanced net) times (1 - MARGIN),
+    doubled if needed until the hidden block is positive definite."""
+    best, best_rho = None, math.inf
     for make in (
-        lambda: [bal.multipliers(net, t) for t in _with_ray(net, sequential_multipliers(net))],
-        lambda: _with_ray(net_b, sequential_multipliers(net_b)),
+        lambda: bal.multipliers(net, reduced.along_ray(net, sequential_multipliers(net))),
+        lambda: reduced.along_ray(net_b, sequential_multipliers(net_b)),
     ):
         try:
             with np.errstate(all="ignore"):
-                pair = [np.asarray(t, dtype=np.float64) * (1.0 - MARGIN) for t in make()]
+                t = np.asarray(make(), dtype=np.float64) * (1.0 - MARGIN)
         except (np.linalg.LinAlgError, ValueError, ArithmeticError):  # e.g. tau**2 overflows on raw weights
             continue
-        if any(t.size != net_b.n_neurons or not np.all(np.isfinite(t)) or not np.all(t > 0) for t in pair):
+        if t.size != net_b.n_neurons or not np.all(np.isfinite(t)) or not np.all(t > 0):
             continue
-        feasible = []
-        for t in pair:
-            for _ in range(64):
-                rho = schur_rho(net_m, t)
-                if rho is not None:
-                    break
-                t = 2.0 * t
-            feasible.append((t, rho))
-        (start, _), (floor, floor_rho) = feasible
-        if floor_rho is None:
-            continue
-        if best is None or floor_rho < best[2]:
-            best = (start, floor, floor_rho)
+        for _ in range(64):
+            rho = schur_rho(net_m, t)
+            if rho is not None:
+                break
+            t = 2.0 * t
+        if rho is not None and rho < best_rho:
+            best, best_rho = t, rho
     return best
-
-
-def _with_ray(net: Network, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(t, t at its best scale along the ray)."""
-    return t, reduced.along_ray(net, t)
 
 
 def _channel_phase(obj: _Objective, s0, tied: tuple[np.ndarray, int], steps: int | None, deadline: float,
