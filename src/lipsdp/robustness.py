@@ -297,9 +297,14 @@ def secant_floors(
     return floors
 
 
+def _clears(margin: float, lipschitz: float, radius: float) -> bool:
+    """True when the margin exceeds (rounded up) Lipschitz bound x radius: no point of the box can cross."""
+    return margin > np.nextafter(lipschitz * radius, np.inf)
+
+
 def _pair_bounds_in_rounds(
-    net: Network, props: list, logits: np.ndarray, checks: list, hopeful: list[bool], method: str,
-    workers: int, executor: Executor | None, options: dict[str, Any],
+    net: Network, props: list, checks: list, hopeful: list[bool], method: str, workers: int,
+    executor: Executor | None, options: dict[str, Any],
 ) -> dict[tuple[int, int], float]:
     """The class-pair bounds `certify_properties` needs: in rounds, the next class (smallest margin first) of
     every property still open, each new pair solved once (in parallel) and shared; a property closes at its
@@ -316,9 +321,9 @@ def _pair_bounds_in_rounds(
         values.update({pair: r.upper for pair, r in pair_bounds(net, new, method, workers=workers,
                                                                  executor=executor, **options).items()})
         for i, pair in wanted.items():
-            j = checks[i][1][cursor[i]]
-            margin, radius = checks[i][0][j], props[i].l2_radius
-            if margin > np.nextafter(values[pair] * radius, np.inf) and cursor[i] + 1 < len(checks[i][1]):
+            margins, order = checks[i][0], checks[i][1]
+            passed = _clears(margins[order[cursor[i]]], values[pair], props[i].l2_radius)
+            if passed and cursor[i] + 1 < len(order):
                 cursor[i] += 1
             else:
                 del cursor[i]
@@ -375,6 +380,9 @@ def certify_properties(
     tiny = 64 * np.finfo(np.float64).eps
     chain = None  # the network in torch, for the secants (built once, on first use)
     checks = []  # per property: margins, classes smallest margin first, a class beyond reach, its floor, seconds
+    # a bound is only worth its solve where it can still certify: a property whose centre is misclassified,
+    # or that no Lipschitz margin can prove (beyond reach), needs none
+    hopeful = []
     for prop, y in zip(props, logits):
         start = time.perf_counter()
         label = prop.label
@@ -383,20 +391,17 @@ def certify_properties(
         # solve instead of up to one per class (a CIFAR CNN: about 35 s each)
         order = sorted(prop.targets, key=margins.__getitem__)
         beyond, floor = None, None
-        if int(np.argmax(y)) == label and all(m > 0 for m in margins.values()):
+        reachable = int(np.argmax(y)) == label and all(m > 0 for m in margins.values())
+        if reachable:
             chain = TorchChain(net) if chain is None else chain
             floors = secant_floors(net, prop.low, prop.high, label, prop.targets, chain)
             beyond = next((j for j in order if floors[j] * prop.l2_radius >= margins[j]), None)
             floor = None if beyond is None else floors[beyond]
         checks.append((margins, order, beyond, floor, time.perf_counter() - start))
-    # a bound is only worth its solve where it can still certify: a property whose centre is misclassified,
-    # or that no Lipschitz margin can prove (beyond reach), needs none
-    hopeful = [int(np.argmax(y)) == p.label and all(m > 0 for m in margins.values()) and beyond is None
-               for p, y, (margins, _, beyond, _, _) in zip(props, logits, checks)]
+        hopeful.append(reachable and beyond is None)
     pair_values: dict[tuple[int, int], float] = {}
     if bound == "pair":
-        pair_values = _pair_bounds_in_rounds(net, props, logits, checks, hopeful, method, workers, executor,
-                                             options)
+        pair_values = _pair_bounds_in_rounds(net, props, checks, hopeful, method, workers, executor, options)
     whole = None
     if bound == "global" and any(int(np.argmax(y)) == p.label for p, y in zip(props, logits)):
         upper = estimate(net, method, workers=workers, executor=executor, **options).upper
@@ -417,8 +422,7 @@ def certify_properties(
             else:
                 lipschitz[j] = estimate(net, method, pair=(label, j), region=Box(prop.low, prop.high),
                                         workers=workers, executor=executor, **options).upper
-            needed_margin = np.nextafter(lipschitz[j] * prop.l2_radius, np.inf)
-            certified = certified and margins[j] > needed_margin
+            certified = certified and _clears(margins[j], lipschitz[j], prop.l2_radius)
         seconds += time.perf_counter() - start
         out.append(PropertyCertificate(prop.path, label, predicted, prop.l2_radius, bool(certified), bound,
                                        method, margins, lipschitz, seconds, beyond, floor))
